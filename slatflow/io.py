@@ -1,0 +1,81 @@
+"""Crash-safe file writing and the small file formats shared by the stages.
+
+Every output is written to a temporary name in its final folder and renamed into
+place, so a killed run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    Args:
+        path: the final file.
+        suffix: the temporary file's ending; defaults to `path`'s, since some writers
+            (np.savez, PIL) pick the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """`np.savez_compressed` under a temporary name, then rename (TRELLIS reads npz)."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def write_points_ply(path: str | os.PathLike, points: np.ndarray) -> None:
+    """Write a vertex-only binary little-endian PLY with float32 x, y, z.
+
+    Args:
+        points: float (N, 3); written as float32.
+    """
+    from plyfile import PlyData, PlyElement
+
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    vertex = np.zeros(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
+    vertex["x"], vertex["y"], vertex["z"] = points.T
+    ply = PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<")
+    with atomic_path(path) as tmp:
+        ply.write(str(tmp))
+
+
+def read_ply_points(path: str | os.PathLike) -> np.ndarray:
+    """Read the vertex positions of a PLY file.
+
+    Returns:
+        float32 (N, 3).
+    """
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    return np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=-1).astype(np.float32)
