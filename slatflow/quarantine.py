@@ -52,14 +52,18 @@ def clear_failure(out_dir: str | os.PathLike, stage: str, sha256: str) -> None:
     failure_path(out_dir, stage, sha256).unlink(missing_ok=True)
 
 
-def quarantined_sha256s(out_dir: str | os.PathLike) -> set[str]:
-    """The assets with a failure record in any stage (a scan of the record names only)."""
+def quarantined_sha256s(out_dir: str | os.PathLike, only: list[str] | None = None) -> set[str]:
+    """The assets with a failure record (a scan of the record names only, no reads).
+
+    Args:
+        only: count the records of these stages alone; None counts every stage.
+    """
     root = Path(out_dir) / FAILED_DIR
     if not root.is_dir():
         return set()
     found = set()
     for stage_dir in os.scandir(root):
-        if stage_dir.is_dir():
+        if stage_dir.is_dir() and (only is None or stage_dir.name in only):
             found.update(e.name[: -len(".json")] for e in os.scandir(stage_dir) if e.name.endswith(".json"))
     return found
 

@@ -1,0 +1,108 @@
+# Path plumbing shared by the rule files; the logic lives in the slatflow package.
+import functools
+import os
+
+from slatflow.ingest import select_assets, source_paths
+
+OUT = os.path.normpath(config["output_dir"])
+
+# Conda envs hold the dependencies; the library travels with the workflow, so a code
+# change needs no env rebuild (jobs inherit this environment, remote ones re-parse it).
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+    )
+)
+
+
+wildcard_constraints:
+    sha256="[0-9a-f]{64}",
+
+
+def out(path):
+    """A path under the output root."""
+    return f"{OUT}/{path}"
+
+
+# Per-asset output patterns of each stage target, as each stage's .smk registers them:
+# name -> (patterns with {sha256}, whether `all` includes them).
+STAGE_TARGETS = {}
+
+
+def register_stage_target(name, *patterns, in_all=True):
+    STAGE_TARGETS[name] = (patterns, in_all)
+
+
+def get_source_csv(wildcards):
+    return config["source"]["path"] if config["source"]["type"] == "csv" else []
+
+
+def manifest_path():
+    """The manifest, once the ingest checkpoint has run (re-evaluates the DAG after it)."""
+    return checkpoints.ingest_manifest.get().output.manifest
+
+
+@functools.cache
+def _selected_assets(manifest, mtime_ns):
+    return select_assets(manifest, OUT, config["shard"], config["retry_failed"])
+
+
+def included_sha256s():
+    """This invocation's assets (shard, less quarantined ones), read once per process."""
+    manifest = manifest_path()
+    return _selected_assets(manifest, os.stat(manifest).st_mtime_ns)
+
+
+@functools.cache
+def _source_paths(manifest, mtime_ns):
+    return source_paths(manifest)
+
+
+def get_source_file(wildcards):
+    manifest = manifest_path()
+    paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
+    if wildcards.sha256 not in paths:
+        raise WorkflowError(f"asset {wildcards.sha256} is not in {manifest}")
+    return out(paths[wildcards.sha256])
+
+
+def stage_target_files(name):
+    patterns, _ = STAGE_TARGETS[name]
+    return expand(patterns, sha256=included_sha256s())
+
+
+def get_stage_targets(name):
+    def inner(wildcards):
+        return stage_target_files(name)
+
+    return inner
+
+
+def get_all_targets(wildcards):
+    return [
+        f
+        for name, (_, in_all) in STAGE_TARGETS.items()
+        if in_all
+        for f in stage_target_files(name)
+    ]
+
+
+def requested_stage_targets():
+    """The stage targets named on the command line; all of `all`'s when none is named."""
+    targets = set(workflow.dag_settings.targets)
+    if not targets or "all" in targets:
+        return {name for name, (_, in_all) in STAGE_TARGETS.items() if in_all}
+    return targets & STAGE_TARGETS.keys()
+
+
+def get_metadata_inputs(wildcards):
+    """What metadata.csv is derived from: the requested stages' outputs (so it is built
+    after them) and every other stage output already on disk (so it changes with them).
+    """
+    requested = requested_stage_targets()
+    files = []
+    for name, (patterns, _) in STAGE_TARGETS.items():
+        for f in expand(patterns, sha256=included_sha256s()):
+            if name in requested or os.path.exists(f):
+                files.append(f)
+    return files

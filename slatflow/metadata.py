@@ -1,0 +1,173 @@
+"""metadata.csv and statistics.txt, derived from the manifest and the files on disk.
+
+TRELLIS rebuilds its metadata by hand from per-rank CSVs that a killed run loses;
+slatflow never stores state anywhere but in the outputs themselves, so this table can
+be rebuilt at any time and always tells the truth about OUT.
+
+Columns: TRELLIS's (`sha256` index, `file_identifier`, `aesthetic_score`, `captions`,
+`local_path`, `rendered`, `voxelized`, `num_voxels`, `cond_rendered`, `feature_<feat>`,
+`ss_latent_<ss_enc>`, `latent_<feat>_<slat_enc>`), then the columns stages register in
+`COLUMN_SOURCES`, then the failure columns `failed_stage`, `failed_reason`, `failed_log`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from slatflow.ingest import SOURCE_COLUMNS
+from slatflow.io import atomic_path, write_text_atomic
+from slatflow.quarantine import load_failures
+
+logger = logging.getLogger(__name__)
+
+MAX_TRAINING_VOXELS = 32768  # TRELLIS's training filter on num_voxels
+FAILURE_COLUMNS = ["failed_stage", "failed_reason", "failed_log"]
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The configured model names: their columns exist even before any output does."""
+
+    features: tuple[str, ...] = ()
+    ss_latents: tuple[str, ...] = ()
+    latents: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelNames":
+        """The output folder names the config's stages write under (absent stages: none)."""
+        features = config.get("features", {}).get("model")
+        latents = config.get("latents", {})
+        ss_name, slat_name = latents.get("ss_name"), latents.get("slat_name")
+        return cls(
+            features=(features,) if features else (),
+            ss_latents=(ss_name,) if ss_name else (),
+            latents=(f"{features}_{slat_name}",) if features and slat_name else (),
+        )
+
+
+def _names_with_suffix(folder: Path, suffix: str) -> set[str]:
+    """Entry names in `folder` ending in `suffix`, without it (one scandir, no stat calls)."""
+    if not folder.is_dir():
+        return set()
+    return {e.name[: -len(suffix)] for e in os.scandir(folder) if e.name.endswith(suffix)}
+
+
+def _subfolders(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _complete_render_dirs(folder: Path) -> set[str]:
+    """Render folders holding transforms.json (written last, so it means complete)."""
+    return {name for name in _subfolders(folder) if (folder / name / "transforms.json").is_file()}
+
+
+_PLY_VERTEX_COUNT = re.compile(rb"element vertex (\d+)")
+
+
+def ply_vertex_count(path: str | os.PathLike) -> int:
+    """The vertex count in a PLY header, without reading the body."""
+    with open(path, "rb") as f:
+        header = f.read(1024)
+    match = _PLY_VERTEX_COUNT.search(header.split(b"end_header")[0])
+    if match is None:
+        raise ValueError(f"{path}: no 'element vertex' line in the PLY header")
+    return int(match.group(1))
+
+
+def _flag(index: pd.Index, present: Iterable[str]) -> pd.Series:
+    return pd.Series(index.isin(list(present)), index=index)
+
+
+def stage_columns(out_dir: Path, index: pd.Index, models: ModelNames) -> pd.DataFrame:
+    """TRELLIS's per-stage columns for the assets in `index`."""
+    columns: dict[str, pd.Series] = {}
+    columns["rendered"] = _flag(index, _complete_render_dirs(out_dir / "renders"))
+    voxelized = _names_with_suffix(out_dir / "voxels", ".ply") & set(index)
+    columns["voxelized"] = _flag(index, voxelized)
+    num_voxels = pd.Series(pd.NA, index=index, dtype="Int64")
+    for sha in voxelized:
+        try:
+            num_voxels[sha] = ply_vertex_count(out_dir / "voxels" / f"{sha}.ply")
+        except (OSError, ValueError) as exc:
+            logger.warning("asset %s: unreadable voxel file: %s", sha, exc)
+    columns["num_voxels"] = num_voxels
+    columns["cond_rendered"] = _flag(index, _complete_render_dirs(out_dir / "renders_cond"))
+    for prefix, folder, configured in (
+        ("feature", "features", models.features),
+        ("ss_latent", "ss_latents", models.ss_latents),
+        ("latent", "latents", models.latents),
+    ):
+        for name in sorted(set(configured) | set(_subfolders(out_dir / folder))):
+            columns[f"{prefix}_{name}"] = _flag(index, _names_with_suffix(out_dir / folder / name, ".npz"))
+    return pd.DataFrame(columns, index=index)
+
+
+def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
+    """The first (earliest stage on disk, by name) failure record of each asset, if any."""
+    frame = pd.DataFrame(index=index, columns=FAILURE_COLUMNS, dtype=object)
+    for failure in load_failures(out_dir):
+        if failure.sha256 in frame.index and pd.isna(frame.at[failure.sha256, "failed_stage"]):
+            frame.loc[failure.sha256] = [failure.stage, failure.reason, failure.log]
+    return frame
+
+
+# Extra per-asset columns, one function per stage that has them: (OUT, sha256 index) ->
+# a frame indexed like it. A stage adds its function here (e.g. quality metrics).
+COLUMN_SOURCES: list[Callable[[Path, pd.Index], pd.DataFrame]] = []
+
+
+def build_metadata(out_dir: str | os.PathLike, manifest_path: str | os.PathLike, models: ModelNames) -> pd.DataFrame:
+    """metadata.csv's table, indexed by sha256, from the manifest and OUT's files."""
+    out_dir = Path(out_dir)
+    manifest = pd.read_csv(manifest_path, dtype={"sha256": str}, keep_default_na=True)
+    manifest = manifest.set_index("sha256")
+    table = manifest[SOURCE_COLUMNS[1:] + ["local_path"]].copy()
+    parts = [table, stage_columns(out_dir, table.index, models)]
+    parts += [source(out_dir, table.index) for source in COLUMN_SOURCES]
+    parts.append(failure_columns(out_dir, table.index))
+    return pd.concat(parts, axis=1).rename_axis("sha256")
+
+
+def format_statistics(metadata: pd.DataFrame) -> str:
+    """statistics.txt: counts per stage, voxel-count summary, failures per stage."""
+    lines = ["slatflow statistics (derived from the files on disk)", f"assets: {len(metadata)}"]
+    flag_columns = [c for c in metadata.columns if metadata[c].dtype == bool]
+    for column in flag_columns:
+        lines.append(f"{column}: {int(metadata[column].sum())}")
+    voxels = metadata["num_voxels"].dropna().astype(np.int64)
+    if len(voxels):
+        lines.append(
+            f"num_voxels: min {voxels.min()}, median {int(voxels.median())}, max {voxels.max()}; "
+            f"{int((voxels > MAX_TRAINING_VOXELS).sum())} above TRELLIS's training cap {MAX_TRAINING_VOXELS}"
+        )
+    failed = metadata["failed_stage"].dropna()
+    lines.append(f"failed: {len(failed)}")
+    for stage, count in failed.value_counts().sort_index().items():
+        lines.append(f"  {stage}: {count}")
+    return "\n".join(lines) + "\n"
+
+
+def write_metadata(
+    out_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    metadata_path: str | os.PathLike,
+    statistics_path: str | os.PathLike,
+    models: ModelNames,
+) -> pd.DataFrame:
+    """Build the table and write metadata.csv and statistics.txt, each atomically."""
+    metadata = build_metadata(out_dir, manifest_path, models)
+    with atomic_path(metadata_path) as tmp:
+        metadata.to_csv(tmp)
+    write_text_atomic(statistics_path, format_statistics(metadata))
+    logger.info("metadata.csv: %d assets, %d columns", len(metadata), metadata.shape[1] + 1)
+    return metadata

@@ -1,0 +1,56 @@
+"""Layers shared by the encoders: float32 norms and TRELLIS's half-precision torso.
+
+TRELLIS's `convert_module_to_f16` casts only the parameters of convolutions and linear
+layers inside the transformer or residual torso; norms keep float32 parameters and compute
+in float32 (`LayerNorm32`), whatever dtype flows through them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+# The primitive modules whose parameters TRELLIS casts (its FP16_MODULES, less sparse convs).
+TORSO_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class ChannelLayerNorm32(LayerNorm32):
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor, in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.movedim(1, -1).contiguous()  # (B, *spatial, C)
+        h = super().forward(h)
+        return h.movedim(-1, 1).contiguous()  # (B, C, *spatial)
+
+
+def cast_torso(torsos: Iterable[nn.Module], dtype: torch.dtype) -> None:
+    """Cast the parameters of every TORSO_MODULES module inside `torsos` to `dtype`, in place."""
+    for torso in torsos:
+        for module in torso.modules():
+            if isinstance(module, TORSO_MODULES):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
