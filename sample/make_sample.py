@@ -111,6 +111,20 @@ def save_png(pixels: np.ndarray, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def scratch_home():
+    """Point HOME and the XDG dirs at a temporary folder, then import bpy.
+
+    bpy writes caches and config there when it starts: keep them out of the user's home.
+    """
+    with tempfile.TemporaryDirectory(prefix="slatflow_bpy_home_") as home:
+        for var in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+            os.environ[var] = home
+        import bpy  # noqa: F401  (imported only now, so that it sees the variables above)
+
+        yield
+
+
 def new_scene():
     import bpy
 
@@ -380,7 +394,8 @@ def build_chair_stl(out: Path, rng: np.random.Generator, scratch: Path) -> None:
     new_scene()
     x0, y0 = 600.0, 300.0
     half = (225.0, 210.0)  # seat half-width (x), half-depth (y)
-    seat = add_primitive("cube", "seat", location=(x0, y0, 455.0), scale=(half[0], half[1], 15.0))
+    seat = add_primitive("cube", "seat", location=(x0, y0, 455.0))
+    seat.data.transform(np.diag([half[0], half[1], 15.0, 1.0]))  # in the mesh, so the bevel is in mm
     bevel = seat.modifiers.new("bevel", "BEVEL")
     bevel.width, bevel.segments = 8.0, 3
     for i, (sx, sy) in enumerate(((-1, -1), (1, -1), (-1, 1), (1, 1))):
@@ -388,7 +403,7 @@ def build_chair_stl(out: Path, rng: np.random.Generator, scratch: Path) -> None:
         add_primitive("cylinder", f"leg{i}", location=(leg_x, leg_y, 220.0), radius=15.0, depth=440.0, vertices=12)
     back_y = y0 + half[1] - 12
     for i, sx in enumerate((-1, 1)):
-        add_primitive("cube", f"post{i}", location=(x0 + sx * (half[0] - 20), back_y, 700.0), scale=(15, 12, 230))
+        add_primitive("cube", f"post{i}", location=(x0 + sx * (half[0] - 20), back_y, 700.0), scale=(15, 15, 230))
     add_primitive("cube", "backrest", location=(x0, back_y, 840.0), scale=(half[0], 12.0, 60.0))
     bpy.ops.wm.stl_export(filepath=str(out / "chair.stl"), ascii_format=False, apply_modifiers=True)
 
@@ -527,13 +542,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "assets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with tempfile.TemporaryDirectory(prefix="slatflow_bpy_home_") as home:
-        # bpy writes caches and config under HOME/XDG dirs when it is imported: keep them out
-        # of the user's home.
-        for var in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-            os.environ[var] = home
-        import bpy  # noqa: F401  (imported here so the variables above are seen)
-
+    with scratch_home():
         build_sample(args.out.resolve())
 
 
