@@ -57,7 +57,11 @@ def _load(path: Path) -> None:
 
 def _is_hidden(obj) -> bool:
     """Hidden from render by the object's flags or by any collection it is in."""
-    return obj.hide_render or obj.hide_viewport or any(c.hide_render or c.hide_viewport for c in obj.users_collection)
+    return (
+        obj.hide_render
+        or obj.hide_viewport
+        or any(c.hide_render or c.hide_viewport for c in obj.users_collection)
+    )
 
 
 def _textures(meshes) -> list[dict]:

@@ -8,12 +8,17 @@ Everything is generated here: shapes from Blender's primitives, textures from nu
 seeds; nothing is downloaded. ``--out`` is a generated folder: it is deleted and rebuilt.
 
 Reproducibility: two runs write byte-identical files (same bpy, numpy and zlib builds), except
-``mushroom.blend``. Blender writes the runtime memory address of every data block into the
-.blend as its identifier (these change from run to run with the allocator and ASLR) and the
-absolute path the file was saved to; bpy 4.5 has no option for stable identifiers. Its
-geometry, materials and packed texture are identical between runs (tests/test_sample.py
-compares them through bpy). Two FBX exporter fields that would differ are pinned here: the
-creation timestamp and the absolute texture path (see ``_deterministic_fbx_exporter``).
+``mushroom.blend``: Blender writes the run-time memory address of every data block into a .blend
+as its identifier (these change from run to run with the allocator and ASLR), and the absolute
+path it was saved to; bpy 4.5 has no option for stable identifiers. Its geometry, objects and
+packed texture are identical between runs (tests/test_sample.py compares them through bpy).
+What is pinned here to get there:
+- the FBX exporter's creation timestamp and absolute texture path (``_deterministic_fbx_exporter``)
+  and its UUIDs, which come from Python's salted ``hash(str)`` (``main`` re-runs itself with
+  PYTHONHASHSEED=0);
+- the zip entry dates inside the .usdz (``pin_zip_timestamps``);
+- UV spheres are built here (``add_uv_sphere``): bpy 4.5's primitive_uv_sphere_add returns its
+  faces in a different order on every run.
 """
 
 import argparse
@@ -81,8 +86,7 @@ def rainbow_texture(size: int = 128) -> np.ndarray:
 def spots_texture(rng: np.random.Generator, size: int = 128) -> np.ndarray:
     """Red with white spots (the toadstool cap)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    rgb = np.empty((size, size, 3), np.float64)
-    rgb[:] = [190, 30, 25]
+    rgb = np.full((size, size, 3), [190.0, 30.0, 25.0])  # (H, W, 3)
     centres = rng.uniform(0, 1, (14, 2))  # (S, 2) spot centres in uv
     radii = rng.uniform(0.04, 0.09, 14)  # (S,)
     for (cx, cy), r in zip(centres, radii):
@@ -152,9 +156,15 @@ def add_uv_sphere(name: str, radius: float, segments: int, rings: int, location=
     theta = np.pi * np.arange(1, rings) / rings  # (R-1,) polar angle of each inner ring
     phi = 2 * np.pi * np.arange(segments) / segments  # (S,)
     ring = np.stack(
-        [np.outer(np.sin(theta), np.cos(phi)), np.outer(np.sin(theta), np.sin(phi)), np.outer(np.cos(theta), np.ones(segments))],
+        [
+            np.outer(np.sin(theta), np.cos(phi)),
+            np.outer(np.sin(theta), np.sin(phi)),
+            np.outer(np.cos(theta), np.ones(segments)),
+        ],
         axis=-1,
-    ).reshape(-1, 3)  # ((R-1) * S, 3)
+    ).reshape(
+        -1, 3
+    )  # ((R-1) * S, 3)
     verts = radius * np.concatenate([[[0.0, 0.0, 1.0]], ring, [[0.0, 0.0, -1.0]]])  # (V, 3)
     top, bottom = 0, len(verts) - 1
 
@@ -265,18 +275,39 @@ def build_lantern_gltf(out: Path, rng: np.random.Generator, scratch: Path) -> No
     folder = out / "lantern_gltf"
     folder.mkdir()
     new_scene()
-    checker = load_image(save_png(checker_texture(64, 8, (240, 200, 60), (120, 30, 30)), scratch / "lantern_checker.png"))
+    checker = load_image(
+        save_png(checker_texture(64, 8, (240, 200, 60), (120, 30, 30)), scratch / "lantern_checker.png")
+    )
     glass = material("lantern_checker", checker)
     metal = material("dark_metal", color=(0.08, 0.08, 0.1, 1.0), roughness=0.35)
     x0, y0, z0 = -3.0, 4.0, 2.0
     parts = [
-        (add_primitive("cylinder", "base", location=(x0, y0, z0 + 0.15), radius=0.6, depth=0.3, vertices=24), metal),
-        (add_primitive("cylinder", "body", location=(x0, y0, z0 + 0.9), radius=0.45, depth=1.2, vertices=24), glass),
-        (add_primitive("cone", "roof", location=(x0, y0, z0 + 1.8), radius1=0.7, depth=0.6, vertices=24), metal),
         (
             add_primitive(
-                "torus", "handle", location=(x0, y0, z0 + 2.3), rotation_deg=(90, 0, 0),
-                major_radius=0.3, minor_radius=0.05, major_segments=24, minor_segments=8,
+                "cylinder", "base", location=(x0, y0, z0 + 0.15), radius=0.6, depth=0.3, vertices=24
+            ),
+            metal,
+        ),
+        (
+            add_primitive(
+                "cylinder", "body", location=(x0, y0, z0 + 0.9), radius=0.45, depth=1.2, vertices=24
+            ),
+            glass,
+        ),
+        (
+            add_primitive("cone", "roof", location=(x0, y0, z0 + 1.8), radius1=0.7, depth=0.6, vertices=24),
+            metal,
+        ),
+        (
+            add_primitive(
+                "torus",
+                "handle",
+                location=(x0, y0, z0 + 2.3),
+                rotation_deg=(90, 0, 0),
+                major_radius=0.3,
+                minor_radius=0.05,
+                major_segments=24,
+                minor_segments=8,
             ),
             metal,
         ),
@@ -298,11 +329,19 @@ def build_torus_glb(out: Path, rng: np.random.Generator, scratch: Path) -> None:
     new_scene()
     image = load_image(save_png(rainbow_texture(128), scratch / "torus_rainbow.png"))
     torus = add_primitive(
-        "torus", "torus", location=(40.0, -25.0, 12.0), rotation_deg=(30, 0, 15),
-        major_radius=11.0, minor_radius=4.0, major_segments=48, minor_segments=16,
+        "torus",
+        "torus",
+        location=(40.0, -25.0, 12.0),
+        rotation_deg=(30, 0, 15),
+        major_radius=11.0,
+        minor_radius=4.0,
+        major_segments=48,
+        minor_segments=16,
     )
     assign(torus, material("torus_rainbow", image, roughness=0.4))
-    bpy.ops.export_scene.gltf(filepath=str(out / "torus.glb"), export_format="GLB", export_image_format="AUTO")
+    bpy.ops.export_scene.gltf(
+        filepath=str(out / "torus.glb"), export_format="GLB", export_image_format="AUTO"
+    )
 
 
 @contextlib.contextmanager
@@ -337,10 +376,14 @@ def build_suzanne_fbx(out: Path, rng: np.random.Generator, scratch: Path) -> Non
     folder = out / "suzanne_fbx"
     folder.mkdir()
     new_scene()
-    image = load_image(save_png(checker_texture(128, 8, (40, 90, 220), (235, 235, 235)), folder / "suzanne_checker.png"))
+    image = load_image(
+        save_png(checker_texture(128, 8, (40, 90, 220), (235, 235, 235)), folder / "suzanne_checker.png")
+    )
     x0, y0, z0 = 0.3, 0.2, -0.1  # Suzanne is 0.11 units wide here
     monkey = add_primitive("monkey", "suzanne", location=(x0, y0, z0 + 0.07), scale=(0.04, 0.04, 0.04))
-    pedestal = add_primitive("cylinder", "pedestal", location=(x0, y0, z0), radius=0.05, depth=0.06, vertices=16)
+    pedestal = add_primitive(
+        "cylinder", "pedestal", location=(x0, y0, z0), radius=0.05, depth=0.06, vertices=16
+    )
     assign(monkey, material("suzanne_checker", image))
     assign(pedestal, material("marble", color=(0.85, 0.85, 0.8, 1.0)))
     with _deterministic_fbx_exporter():
@@ -400,10 +443,14 @@ def build_chair_stl(out: Path, rng: np.random.Generator, scratch: Path) -> None:
     bevel.width, bevel.segments = 8.0, 3
     for i, (sx, sy) in enumerate(((-1, -1), (1, -1), (-1, 1), (1, 1))):
         leg_x, leg_y = x0 + sx * (half[0] - 20), y0 + sy * (half[1] - 20)
-        add_primitive("cylinder", f"leg{i}", location=(leg_x, leg_y, 220.0), radius=15.0, depth=440.0, vertices=12)
+        add_primitive(
+            "cylinder", f"leg{i}", location=(leg_x, leg_y, 220.0), radius=15.0, depth=440.0, vertices=12
+        )
     back_y = y0 + half[1] - 12
     for i, sx in enumerate((-1, 1)):
-        add_primitive("cube", f"post{i}", location=(x0 + sx * (half[0] - 20), back_y, 700.0), scale=(15, 15, 230))
+        add_primitive(
+            "cube", f"post{i}", location=(x0 + sx * (half[0] - 20), back_y, 700.0), scale=(15, 15, 230)
+        )
     add_primitive("cube", "backrest", location=(x0, back_y, 840.0), scale=(half[0], 12.0, 60.0))
     bpy.ops.wm.stl_export(filepath=str(out / "chair.stl"), ascii_format=False, apply_modifiers=True)
 
@@ -422,8 +469,13 @@ def build_mushroom_blend(out: Path, rng: np.random.Generator, scratch: Path) -> 
     stem = add_primitive("cylinder", "stem", location=(x0, y0, 1.0), radius=0.35, depth=2.0, vertices=24)
     cap = add_uv_sphere("cap", 1.0, segments=32, rings=16, location=(x0, y0, 2.0), scale=(1.5, 1.5, 0.8))
     grass = add_primitive(
-        "torus", "grass", location=(x0, y0, 0.05), major_radius=0.8, minor_radius=0.12,
-        major_segments=32, minor_segments=8,
+        "torus",
+        "grass",
+        location=(x0, y0, 0.05),
+        major_radius=0.8,
+        minor_radius=0.12,
+        major_segments=32,
+        minor_segments=8,
     )
     assign(stem, material("stem", color=(0.9, 0.87, 0.75, 1.0)))
     assign(cap, material("toadstool_spots", spots, roughness=0.5))
@@ -518,9 +570,18 @@ BUILDERS = (
 )
 
 
+# What build_sample writes at the top of --out (it refuses to clear a folder holding anything else).
+TOP_LEVEL_NAMES = {
+    "crate_obj", "lantern_gltf", "torus.glb", "suzanne_fbx", "rock.ply", "chair.stl", "mushroom.blend", "logo.usdz",
+}  # fmt: skip
+
+
 def build_sample(out: Path) -> None:
     """Delete ``out`` and write the 8 assets into it; one numpy Generator per asset, seeded."""
     if out.exists():
+        foreign = sorted({p.name for p in out.iterdir()} - TOP_LEVEL_NAMES)
+        if foreign:  # never delete a folder this script did not write
+            raise SystemExit(f"{out} holds {foreign}, which make_sample.py did not write; pick another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="slatflow_sample_") as scratch:

@@ -15,7 +15,19 @@ from PIL import Image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 ASSETS = SAMPLE / "assets"
-ASSET_SUFFIXES = {".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl", ".blend", ".usd", ".usda", ".usdc", ".usdz"}
+ASSET_SUFFIXES = {
+    ".glb",
+    ".gltf",
+    ".obj",
+    ".fbx",
+    ".ply",
+    ".stl",
+    ".blend",
+    ".usd",
+    ".usda",
+    ".usdc",
+    ".usdz",
+}
 EXPECTED = {  # one asset per input format
     ".glb": "torus.glb",
     ".gltf": "lantern_gltf/lantern.gltf",
@@ -114,7 +126,13 @@ def test_usdz_packages_its_texture_as_usdz_requires():
 
 @pytest.mark.parametrize(
     ("key", "min_faces", "textured"),
-    [(".glb", 1000, True), (".gltf", 500, True), (".obj", 200, True), (".ply", 4000, False), (".stl", 300, False)],
+    [
+        (".glb", 1000, True),
+        (".gltf", 500, True),
+        (".obj", 200, True),
+        (".ply", 4000, False),
+        (".stl", 300, False),
+    ],
 )
 def test_trimesh_loads(key, min_faces, textured):
     import trimesh
@@ -128,7 +146,9 @@ def test_trimesh_loads(key, min_faces, textured):
             for g in scene.geometry.values()
             if g.visual.kind == "texture"
         ]
-        assert any(image is not None and min(image.size) >= 32 for image in images), f"{EXPECTED[key]}: no texture"
+        assert any(
+            image is not None and min(image.size) >= 32 for image in images
+        ), f"{EXPECTED[key]}: no texture"
 
 
 def test_ply_has_per_vertex_colours():
@@ -184,7 +204,9 @@ def test_every_asset_imports_in_bpy_with_its_texture(tmp_path):
         assert entry["faces"] >= 100, f"{name}: {entry['faces']} faces"
     for key in (".glb", ".gltf", ".obj", ".fbx", ".blend", ".usdz"):
         textures = report[EXPECTED[key]]["textures"]
-        assert any(t["size"][0] >= 32 and t["pixel_std"] > 0.05 for t in textures), f"{EXPECTED[key]}: {textures}"
+        assert any(
+            t["size"][0] >= 32 and t["pixel_std"] > 0.05 for t in textures
+        ), f"{EXPECTED[key]}: {textures}"
     assert report[EXPECTED[".ply"]]["colour_attributes"], "the PLY's vertex colours did not come through"
     blend = report[EXPECTED[".blend"]]
     assert blend["hidden_objects"] == ["hidden_backdrop", "hidden_ground"]
