@@ -1,13 +1,16 @@
 # slatflow: raw 3D assets -> TRELLIS training data. See README.md.
 from snakemake.utils import min_version, validate
 
+from slatflow.config import check_config
+
 min_version("9.19")
 
 
 configfile: "config/config.yaml"
 
 
-validate(config, "config/schema.yaml")
+check_config(config, workflow.source_path("config/schema.yaml"))  # one line per error
+validate(config, "config/schema.yaml")  # fills in the defaults
 
 
 include: "rules/common.smk"

@@ -41,7 +41,8 @@ def run_workflow(
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(REPO),
     )
-    cmd = SNAKEMAKE + ["--configfile", str(configfile), *targets, *args]
+    # targets first: --configfile takes every following word as another config file
+    cmd = SNAKEMAKE + [*targets, "--configfile", str(configfile), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,36 @@
+"""Crash-safe writes and the shared PLY format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slatflow.io import atomic_path, read_ply_points, save_npz_atomic, write_points_ply
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
+    target = tmp_path / "out" / "x.npz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_write_replaces_the_file_whole(tmp_path):
+    target = tmp_path / "x.npz"
+    save_npz_atomic(target, a=np.arange(3))
+    save_npz_atomic(target, a=np.arange(5))
+    assert np.load(target)["a"].tolist() == list(range(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]
+
+
+def test_points_ply_is_vertex_only_binary_float32(tmp_path):
+    points = np.random.default_rng(0).random((10, 3)) - 0.5
+    write_points_ply(tmp_path / "v.ply", points)
+    data = (tmp_path / "v.ply").read_bytes()
+    header = data[: data.index(b"end_header")].decode()
+    assert "format binary_little_endian 1.0" in header
+    assert "element vertex 10" in header and "element face" not in header
+    assert header.count("property float") == 3
+    assert np.array_equal(read_ply_points(tmp_path / "v.ply"), points.astype(np.float32))

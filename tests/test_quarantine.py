@@ -1,0 +1,50 @@
+"""Failure records and the job glue that writes them."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from slatflow.errors import AssetError
+from slatflow.quarantine import failure_path, load_failures, quarantined_sha256s, record_failure
+from slatflow.workflow import run_asset_job
+
+SHA = "c" * 64
+
+
+def fake_job(tmp_path):
+    """The attributes of a Snakemake `script:` job object that run_asset_job reads."""
+    return SimpleNamespace(
+        wildcards=SimpleNamespace(sha256=SHA),
+        log=[str(tmp_path / "logs" / "job.log")],
+        config={"output_dir": str(tmp_path)},
+    )
+
+
+def test_a_failing_job_records_the_reason_and_exits_nonzero(tmp_path, capsys):
+    def process():
+        raise AssetError(SHA, "no mesh objects after import")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_asset_job(fake_job(tmp_path), "render", process)
+    assert exit_info.value.code == 1
+    record = json.loads(failure_path(tmp_path, "render", SHA).read_text())
+    assert record["reason"] == "no mesh objects after import"
+    assert record["log"].endswith("job.log")
+    assert "no mesh objects" in (tmp_path / "logs" / "job.log").read_text()
+    assert SHA in capsys.readouterr().err
+
+
+def test_unexpected_exceptions_are_quarantined_with_their_type(tmp_path):
+    with pytest.raises(SystemExit):
+        run_asset_job(fake_job(tmp_path), "voxelize", lambda: [][1])
+    assert load_failures(tmp_path)[0].reason.startswith("IndexError:")
+
+
+def test_a_success_clears_a_stale_record(tmp_path):
+    record_failure(tmp_path, "render", SHA, "old\nmultiline reason")
+    assert load_failures(tmp_path)[0].reason == "old multiline reason"
+    run_asset_job(fake_job(tmp_path), "render", lambda: None)
+    assert quarantined_sha256s(tmp_path) == set()

@@ -1,0 +1,68 @@
+"""The workflow end to end: targets, re-runs, config errors, sharding (real Snakemake runs)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from conftest import run_workflow
+
+
+def local_config(tmp_path, **extra):
+    return {"output_dir": str(tmp_path / "out"), "source": {"type": "local", "path": str(tmp_path / "assets")}, **extra}
+
+
+def test_metadata_target_then_nothing_to_do(small_assets, tmp_path):
+    config = local_config(tmp_path)
+    first = run_workflow(config, ["metadata"], config_dir=tmp_path)
+    assert first.returncode == 0, first.stderr
+    table = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    assert sorted(table["file_identifier"]) == ["box.obj", "cone.stl", "nested/ball.glb"]
+    assert list(table.columns[:9]) == [
+        "sha256",
+        "file_identifier",
+        "aesthetic_score",
+        "captions",
+        "local_path",
+        "rendered",
+        "voxelized",
+        "num_voxels",
+        "cond_rendered",
+    ]
+    second = run_workflow(config, ["metadata"], config_dir=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "Nothing to be done" in second.stderr
+
+
+def test_a_new_source_file_is_ingested_on_the_next_run(small_assets, tmp_path):
+    config = local_config(tmp_path)
+    assert run_workflow(config, ["metadata"], config_dir=tmp_path).returncode == 0
+    (tmp_path / "assets" / "extra.stl").write_bytes(small_assets["cone.stl"].read_bytes() + b"\n")
+    rerun = run_workflow(config, ["metadata"], config_dir=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(pd.read_csv(tmp_path / "out" / "metadata.csv")) == 4
+
+
+def test_an_invalid_config_value_is_one_clear_line_before_any_job(small_assets, tmp_path):
+    config = local_config(tmp_path, shard="3/2", retry_failed="yes")
+    result = run_workflow(config, ["metadata"], "-n", config_dir=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "retry_failed: 'yes' is not of type 'boolean'" in output
+    assert "shard: shard '3/2': need 0 <= i < n" in output
+    assert "'$schema'" not in output, "the schema itself is not dumped"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_source_folder_is_a_config_error(tmp_path):
+    config = local_config(tmp_path)
+    result = run_workflow(config, ["metadata"], "-n", config_dir=tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "source.path" in output and "is not a folder" in output
+
+
+def test_user_config_is_merged_over_the_defaults(small_assets, tmp_path):
+    config = local_config(tmp_path)
+    result = run_workflow(config, ["metadata"], "-n", "--printshellcmds", config_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "out" / "manifest.csv") in result.stdout + result.stderr
