@@ -1,7 +1,10 @@
 # slatflow: raw 3D assets -> TRELLIS training data. See README.md.
+import sys
+
 from snakemake.utils import min_version, validate
 
 from slatflow.config import check_config
+from slatflow.quarantine import failure_summary
 
 min_version("9.19")
 
@@ -25,3 +28,7 @@ rule all:
 
 include: "rules/ingest.smk"
 include: "rules/metadata.smk"
+
+
+onerror:
+    print(failure_summary(OUT), file=sys.stderr)

@@ -78,3 +78,19 @@ def load_failures(out_dir: str | os.PathLike) -> list[Failure]:
         except (OSError, ValueError, TypeError) as exc:
             failures.append(Failure(path.stem, path.parent.name, f"unreadable failure record: {exc}", "", ""))
     return failures
+
+
+def failure_summary(out_dir: str | os.PathLike) -> str:
+    """A few lines for the end of a failed run: what is quarantined and what to do next."""
+    failures = load_failures(out_dir)
+    if not failures:
+        return "slatflow: no asset is quarantined; the failure was not an asset's (see the log above)."
+    by_stage: dict[str, int] = {}
+    for failure in failures:
+        by_stage[failure.stage] = by_stage.get(failure.stage, 0) + 1
+    counts = ", ".join(f"{stage}: {n}" for stage, n in sorted(by_stage.items()))
+    return (
+        f"slatflow: {len(failures)} asset(s) quarantined ({counts}), records in "
+        f"{Path(out_dir) / FAILED_DIR}. The next run leaves them out and completes; "
+        "metadata.csv shows the reasons; --config retry_failed=true tries them again."
+    )

@@ -48,3 +48,12 @@ def test_a_success_clears_a_stale_record(tmp_path):
     assert load_failures(tmp_path)[0].reason == "old multiline reason"
     run_asset_job(fake_job(tmp_path), "render", lambda: None)
     assert quarantined_sha256s(tmp_path) == set()
+
+
+def test_failure_summary_counts_by_stage(tmp_path):
+    from slatflow.quarantine import failure_summary
+
+    assert "no asset is quarantined" in failure_summary(tmp_path)
+    record_failure(tmp_path, "render", SHA, "timeout")
+    record_failure(tmp_path, "render", "d" * 64, "corrupt")
+    assert "2 asset(s) quarantined (render: 2)" in failure_summary(tmp_path)
