@@ -1,0 +1,380 @@
+"""DINOv2 with registers: building the model and loading its weights offline.
+
+The features stage runs transformers' `Dinov2WithRegistersModel`, which computes exactly
+what the official `facebookresearch/dinov2` model computes (same blocks, same position-
+embedding interpolation: bicubic, antialiased, no offset, as the `*_reg` hub models set it).
+Weights come from one of four places, chosen by one string (`features.weights`):
+
+- an HF hub id (`facebook/dinov2-with-registers-large`): `from_pretrained`, which reads the
+  local HF cache first, so a cluster without internet works once the cache is filled
+  (`hf download ...`, then `HF_HUB_OFFLINE=1`);
+- a local HF-format folder (`config.json` + `model.safetensors`);
+- the official checkpoint `dinov2_vitl14_reg4_pretrain.pth`, converted on load (fused qkv
+  split into q, k, v; `lsN.gamma` -> `layer_scaleN.lambda1`; ...) and loaded strictly;
+- `random`: a seeded random initialisation, for tests and the sample; said loudly in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from slatflow.errors import ConfigError
+from slatflow.logs import warn_random_weights
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random"
+OFFICIAL_CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class Dinov2Arch:
+    """The shape of a DINOv2 ViT with registers (the official `vit_*` builders' settings).
+
+    Attributes:
+        embed_dim: token width D (the feature channels written to the npz).
+        depth: number of transformer blocks.
+        num_heads: attention heads (head width D / num_heads).
+        patch_size: pixels per patch side.
+        num_register_tokens: register tokens after the cls token.
+        pretrain_image_size: image side the position embeddings were trained at; the official
+            `pos_embed` holds (pretrain_image_size / patch_size)^2 + 1 positions.
+        mlp_ratio: MLP hidden width / D.
+    """
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 14
+    num_register_tokens: int = 4
+    pretrain_image_size: int = 518
+    mlp_ratio: int = 4
+
+    @property
+    def num_patch_positions(self) -> int:
+        return (self.pretrain_image_size // self.patch_size) ** 2
+
+
+# The torch.hub names TRELLIS passes as `--model`, which are also slatflow's feature names.
+ARCHITECTURES: dict[str, Dinov2Arch] = {
+    "dinov2_vits14_reg": Dinov2Arch(embed_dim=384, depth=12, num_heads=6),
+    "dinov2_vitb14_reg": Dinov2Arch(embed_dim=768, depth=12, num_heads=12),
+    "dinov2_vitl14_reg": Dinov2Arch(embed_dim=1024, depth=24, num_heads=16),
+}
+
+HUB_IDS: dict[str, str] = {
+    "dinov2_vits14_reg": "facebook/dinov2-with-registers-small",
+    "dinov2_vitb14_reg": "facebook/dinov2-with-registers-base",
+    "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
+}
+
+# Official block keys -> the HF hub checkpoints' names (the layout of the published
+# `model.safetensors`); the fused `attn.qkv` is split separately.
+_BLOCK_KEYS = {
+    "norm1": "norm1",
+    "attn.proj": "attention.output.dense",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "ls2.gamma": "layer_scale2.lambda1",
+}
+_QKV_KEYS = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+_TOP_KEYS = {
+    "cls_token": "embeddings.cls_token",
+    "mask_token": "embeddings.mask_token",
+    "register_tokens": "embeddings.register_tokens",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+# transformers >= 5.2x renamed the attention modules; hub checkpoints keep the names above
+# and transformers renames them on load, so a state dict we build must do the same.
+_RENAMED_ATTENTION = {
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+}
+
+
+@dataclass
+class LoadedDinov2:
+    """A DINOv2 model ready to run, and where its weights came from.
+
+    Attributes:
+        model: transformers `Dinov2WithRegistersModel`, eval mode, float32, on the CPU.
+        arch: its architecture.
+        source: the `weights` string it was loaded from.
+        random_weights: True when the weights are a random initialisation.
+    """
+
+    model: "torch.nn.Module"
+    arch: Dinov2Arch
+    source: str
+    random_weights: bool
+
+
+def resolve_arch(model_name: str) -> Dinov2Arch:
+    """The architecture of a feature model name (`dinov2_vitl14_reg`, ...).
+
+    Raises:
+        ConfigError: the name is not one of ARCHITECTURES.
+    """
+    try:
+        return ARCHITECTURES[model_name]
+    except KeyError:
+        raise ConfigError(
+            f"features.model {model_name!r} is not a known DINOv2-with-registers model; "
+            f"expected one of {sorted(ARCHITECTURES)}"
+        ) from None
+
+
+def hf_config(arch: Dinov2Arch):
+    """The transformers config of `arch` (what the hub's config.json holds for it)."""
+    from transformers import Dinov2WithRegistersConfig
+
+    return Dinov2WithRegistersConfig(
+        hidden_size=arch.embed_dim,
+        num_hidden_layers=arch.depth,
+        num_attention_heads=arch.num_heads,
+        mlp_ratio=arch.mlp_ratio,
+        image_size=arch.pretrain_image_size,
+        patch_size=arch.patch_size,
+        num_register_tokens=arch.num_register_tokens,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",  # exact erf GELU, as nn.GELU in the official blocks
+        qkv_bias=True,
+        use_swiglu_ffn=False,
+    )
+
+
+def _build_model(arch: Dinov2Arch, on_meta: bool):
+    from transformers import Dinov2WithRegistersModel
+
+    config = hf_config(arch)
+    config._attn_implementation = "sdpa"  # flash / memory-efficient kernels on the GPU
+    if on_meta:  # no time spent on a random init that the checkpoint overwrites
+        import torch
+
+        with torch.device("meta"):
+            return Dinov2WithRegistersModel(config)
+    return Dinov2WithRegistersModel(config)
+
+
+def random_dinov2(arch: Dinov2Arch, seed: int = 0):
+    """A randomly initialised model of `arch` (transformers' init), reproducible from `seed`."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(arch, on_meta=False).eval()
+
+
+def convert_official_state_dict(
+    state_dict: Mapping[str, "torch.Tensor"], arch: Dinov2Arch
+) -> dict[str, "torch.Tensor"]:
+    """Official DINOv2 checkpoint keys -> HF hub checkpoint keys, one for one.
+
+    Args:
+        state_dict: the official `*_pretrain.pth` content (cls_token, mask_token,
+            register_tokens, pos_embed, patch_embed.proj, blocks.i.*, norm).
+        arch: the architecture it must match.
+
+    Returns:
+        The same tensors under the hub names; the fused qkv (3D, D) is split in its row
+        order q, k, v (the official attention reshapes its output as (B, N, 3, H, D/H)).
+
+    Raises:
+        ConfigError: a key is missing or unexpected, or a shape is not `arch`'s.
+    """
+    d = arch.embed_dim
+    expected_shapes = {
+        "cls_token": (1, 1, d),
+        "mask_token": (1, d),
+        "register_tokens": (1, arch.num_register_tokens, d),
+        "pos_embed": (1, arch.num_patch_positions + 1, d),
+        "patch_embed.proj.weight": (d, 3, arch.patch_size, arch.patch_size),
+    }
+    converted: dict[str, torch.Tensor] = {}
+    remaining = dict(state_dict)
+    for official, hub in _TOP_KEYS.items():
+        converted[hub] = _pop(remaining, official)
+    for i in range(arch.depth):
+        prefix = f"blocks.{i}."
+        for suffix in ("weight", "bias"):
+            qkv = _pop(remaining, f"{prefix}attn.qkv.{suffix}")
+            if qkv.shape[0] != 3 * d:
+                raise ConfigError(f"official checkpoint: {prefix}attn.qkv.{suffix} has shape "
+                                  f"{tuple(qkv.shape)}, expected first dim {3 * d}")
+            for hub, part in zip(_QKV_KEYS, qkv.chunk(3, dim=0)):
+                converted[f"encoder.layer.{i}.{hub}.{suffix}"] = part.clone()
+        for official, hub in _BLOCK_KEYS.items():
+            names = [official] if official.endswith("gamma") else [f"{official}.weight", f"{official}.bias"]
+            for name in names:
+                hub_name = hub + name[len(official):]
+                converted[f"encoder.layer.{i}.{hub_name}"] = _pop(remaining, prefix + name)
+    if remaining:
+        raise ConfigError(
+            f"official checkpoint has {len(remaining)} keys that a {arch.depth}-block DINOv2 "
+            f"with registers does not: {sorted(remaining)[:5]}"
+        )
+    for official, shape in expected_shapes.items():
+        got = tuple(converted[_TOP_KEYS[official]].shape)
+        if got != shape:
+            raise ConfigError(f"official checkpoint: {official} has shape {got}, expected {shape} for {arch}")
+    return converted
+
+
+def _pop(state_dict: dict, key: str):
+    try:
+        return state_dict.pop(key)
+    except KeyError:
+        raise ConfigError(f"official checkpoint lacks the key {key!r}") from None
+
+
+def _to_installed_names(hub_state: dict, model_keys: set[str]) -> dict:
+    """Rename hub-layout keys to the installed transformers' module names, where they differ."""
+    renamed = {}
+    for key, value in hub_state.items():
+        if key not in model_keys:
+            for old, new in _RENAMED_ATTENTION.items():
+                key = key.replace(old, new)
+        renamed[key] = value
+    return renamed
+
+
+def load_official_checkpoint(path: str | os.PathLike, arch: Dinov2Arch):
+    """Load an official `dinov2_*_reg4_pretrain.pth` into transformers' model, strictly.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or its keys or shapes are not `arch`'s.
+    """
+    import torch
+
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ConfigError(f"cannot read the DINOv2 checkpoint {path}: {exc}") from exc
+    if isinstance(state_dict, Mapping) and "model" in state_dict and "pos_embed" not in state_dict:
+        state_dict = state_dict["model"]  # training checkpoints nest the weights
+    hub_state = convert_official_state_dict(state_dict, arch)
+    model = _build_model(arch, on_meta=True)
+    installed = _to_installed_names(hub_state, set(model.state_dict()))
+    try:
+        model.load_state_dict(installed, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"DINOv2 checkpoint {path} does not fit {arch}: {exc}") from exc
+    return model.float().eval()
+
+
+def load_hf_model(name_or_path: str, *, cache_dir: str | None = None, local_files_only: bool = False):
+    """`Dinov2WithRegistersModel.from_pretrained` (a hub id, or a local HF-format folder).
+
+    Raises:
+        ConfigError: nothing loadable under that name (offline and not cached, say).
+    """
+    import torch
+    from transformers import Dinov2WithRegistersModel
+
+    try:
+        model = Dinov2WithRegistersModel.from_pretrained(
+            name_or_path,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load DINOv2 weights {name_or_path!r}: {exc}. Offline, fill the HF cache first "
+            f"(`hf download {name_or_path}`) or set features.weights to a local folder or the "
+            f"official .pth"
+        ) from exc
+    return model.eval()
+
+
+def _check_arch(model, arch: Dinov2Arch, source: str) -> None:
+    config = model.config
+    got = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.patch_size,
+           config.num_register_tokens, bool(config.use_swiglu_ffn))
+    want = (arch.embed_dim, arch.depth, arch.num_heads, arch.patch_size, arch.num_register_tokens, False)
+    if got != want:
+        raise ConfigError(
+            f"DINOv2 weights {source!r} are (hidden, layers, heads, patch, registers, swiglu) = {got}, "
+            f"but the feature model expects {want}"
+        )
+
+
+def load_dinov2(
+    arch: Dinov2Arch,
+    weights: str,
+    *,
+    model_name: str = "dinov2",
+    seed: int = 0,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+) -> LoadedDinov2:
+    """Load DINOv2 weights from a hub id, a local HF folder, an official .pth, or `random`.
+
+    Args:
+        arch: the architecture the weights must have.
+        weights: `random`, a path to an official `.pth`, a local HF folder, or an HF hub id.
+        model_name: used in log lines only.
+        seed: the random initialisation's seed (`random` only).
+        cache_dir, local_files_only: passed to `from_pretrained` (hub ids only).
+
+    Returns:
+        The float32 model in eval mode on the CPU, with its provenance.
+
+    Raises:
+        ConfigError: the weights cannot be found or read, or do not match `arch`.
+    """
+    if weights == RANDOM_WEIGHTS:
+        warn_random_weights(logger, model_name)
+        return LoadedDinov2(random_dinov2(arch, seed), arch, weights, random_weights=True)
+    path = Path(weights).expanduser()
+    if path.suffix in OFFICIAL_CHECKPOINT_SUFFIXES:
+        if not path.is_file():
+            raise ConfigError(f"features.weights: official checkpoint {path} does not exist")
+        model = load_official_checkpoint(path, arch)
+    elif path.is_dir():
+        model = load_hf_model(str(path))
+    elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:  # a hub id is "org/name"
+        raise ConfigError(f"features.weights: {weights!r} looks like a path but is not a folder or a .pth file")
+    else:
+        model = load_hf_model(weights, cache_dir=cache_dir, local_files_only=local_files_only)
+    _check_arch(model, arch, weights)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    logger.info("loaded %s weights from %s", model_name, weights)
+    return LoadedDinov2(model, arch, weights, random_weights=False)
+
+
+def prenorm_patch_tokens(model, pixels: "torch.Tensor") -> "torch.Tensor":
+    """DINOv2's `x_prenorm` patch tokens as feature maps.
+
+    Args:
+        model: a `Dinov2WithRegistersModel`.
+        pixels: float (B, 3, S, S), normalized images; S a multiple of the patch size.
+
+    Returns:
+        (B, D, S/p, S/p) in the model's compute dtype: the last block's output BEFORE the
+        final LayerNorm, without the cls and register tokens, rows = image y, cols = image x.
+    """
+    batch, _, size, _ = pixels.shape
+    grid = size // model.config.patch_size
+    hidden = model.embeddings(pixels)  # (B, 1 + R + P, D)
+    hidden = model.encoder(hidden).last_hidden_state  # (B, 1 + R + P, D), no final norm
+    tokens = hidden[:, 1 + model.config.num_register_tokens :]  # (B, P, D), row-major patches
+    return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)  # (B, D, grid, grid)

@@ -1,0 +1,689 @@
+"""Features stage: DINOv2 patch features of the renders, averaged onto the voxels.
+
+TRELLIS's recipe (dataset_toolkits/extract_feature.py), kept exactly: each view is opened
+with PIL, resized to 518x518 LANCZOS as RGBA, scaled to [0, 1], premultiplied by alpha
+(black background) and ImageNet-normalized; DINOv2's `x_prenorm` patch tokens (the last
+block's output before the final LayerNorm, cls and register tokens dropped) form a
+(D, 37, 37) map per view; each voxel centre is projected into every view, sampled
+bilinearly (`grid_sample`, align_corners=False, zero padding) and averaged over ALL views;
+the mean is stored as float16 with the voxel indices.
+
+What differs from TRELLIS is how it runs: views are decoded and resized by a thread pool
+while the GPU runs the model (the next asset is decoded during the current one), the model
+runs in bf16 autocast with SDPA attention on the GPU, the per-view samples are summed on the
+device in voxel chunks (bounded memory instead of a (V, N, D) array), outputs are
+compressed in background threads, and a bad asset is a one-line `AssetError`, never a hang
+or a silently dropped view. An optional visibility-aware mean (off by default, since TRELLIS
+averages over all views) uses depth maps rasterized from the render's `mesh.ply`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Literal
+
+import numpy as np
+
+from slatflow import cameras
+from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens, resolve_arch
+from slatflow.errors import AssetError, ConfigError
+from slatflow.io import save_npz_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+STAGE = "features"
+TRELLIS_IMAGE_SIZE = 518  # 37 x 37 patches of 14 pixels, the size DINOv2 was trained at
+GRID_RESOLUTION = 64  # voxel grid side; voxel centres are (i + 0.5) / 64 - 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_HUB_WEIGHTS = "facebook/dinov2-with-registers-large"
+# Depth maps for the visibility test: a voxel spans about 2.8 pixels at 256^2 (FOV 40 deg,
+# radius 2), fine enough to resolve voxel-scale occluders at a quarter of a 512^2 render.
+VISIBILITY_DEPTH_RESOLUTION = 256
+# A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
+# one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
+VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
+_VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
+_IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
+
+Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How the features stage runs (the config's `features:` section).
+
+    Attributes:
+        model: feature model name, one of `slatflow.dinov2.ARCHITECTURES`
+            (`dinov2_vitl14_reg` is TRELLIS's; `dinov2_vits14_reg` is the sample's).
+        weights: an HF hub id, a local HF folder, an official `.pth`, or `random`.
+        image_size: views are resized to this square size (a multiple of 14); 518 is
+            TRELLIS's, smaller sizes are for the sample and tests only.
+        batch_size: views per model forward.
+        device: `auto` (CUDA when there is one), `cpu`, `cuda`, `cuda:N`.
+        dtype: model compute dtype; `auto` is bf16 autocast on CUDA and float32 on the CPU.
+        visibility: average each voxel over the views that see it (not TRELLIS's recipe).
+        decode_workers: threads decoding and resizing PNGs.
+        sample_memory_mb: bound on one `grid_sample` output (views x D x voxels x 4 bytes);
+            voxels are processed in chunks under it.
+        seed: the random initialisation's seed (weights `random` only).
+    """
+
+    model: str = "dinov2_vitl14_reg"
+    weights: str = DEFAULT_HUB_WEIGHTS
+    image_size: int = TRELLIS_IMAGE_SIZE
+    batch_size: int = 32
+    device: Device = "auto"
+    dtype: ComputeDtype = "auto"
+    visibility: bool = False
+    decode_workers: int = 8
+    sample_memory_mb: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        arch = resolve_arch(self.model)
+        if self.image_size <= 0 or self.image_size % arch.patch_size:
+            raise ConfigError(f"features.image_size {self.image_size} is not a positive multiple of {arch.patch_size}")
+        for name in ("batch_size", "decode_workers", "sample_memory_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"features.dtype {self.dtype!r} is not one of auto, float32, bfloat16")
+
+    @property
+    def feature_name(self) -> str:
+        """The output folder name: the model's, plus a suffix for each non-TRELLIS setting,
+        so features made another way never overwrite (or pass for) TRELLIS's."""
+        name = self.model
+        if self.image_size != TRELLIS_IMAGE_SIZE:
+            name += f"_{self.image_size}px"
+        if self.visibility:
+            name += "_vis"
+        return name
+
+
+@dataclass(frozen=True)
+class FeatureJob:
+    """One asset's inputs and output.
+
+    Attributes:
+        sha256: the asset's key.
+        render_dir: `renders/<sha256>/` (transforms.json, the view PNGs, mesh.ply).
+        voxels_path: `voxels/<sha256>.ply`.
+        output_path: `features/<name>/<sha256>.npz`; None keeps the result in memory only.
+    """
+
+    sha256: str
+    render_dir: Path
+    voxels_path: Path
+    output_path: Path | None = None
+
+
+@dataclass
+class AssetFeatures:
+    """The features of one asset.
+
+    Attributes:
+        indices: uint8 (N, 3), voxel grid indices (x, y, z) in [0, 64).
+        patchtokens: float16 (N, D), the mean feature of each voxel (TRELLIS's output).
+        mean: float32 (N, D), the same before the float16 cast (for tests and comparisons).
+        num_views: views averaged.
+        views_seen: int32 (N,), views that see each voxel (visibility only, else None).
+        random_weights: the model had random weights.
+    """
+
+    indices: np.ndarray
+    patchtokens: np.ndarray
+    mean: np.ndarray
+    num_views: int
+    views_seen: np.ndarray | None = None
+    random_weights: bool = False
+
+
+@dataclass
+class FeatureOutcome:
+    """What happened to one job: written (`error` None) or failed with a one-line reason."""
+
+    sha256: str
+    output_path: Path | None
+    seconds: float
+    error: AssetError | None = None
+    features: AssetFeatures | None = None
+
+
+@dataclass(frozen=True)
+class ViewFrame:
+    """One view of transforms.json: its PNG and camera (TRELLIS/Blender conventions)."""
+
+    path: Path
+    c2w: np.ndarray  # float64 (4, 4), OpenGL camera-to-world
+    fov: float  # camera_angle_x, radians
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: transforms.json, view PNGs, voxels (CPU, run in loader threads)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFrame]:
+    """Read and check transforms.json against the PNGs beside it.
+
+    Raises:
+        AssetError: transforms.json is missing or malformed, a frame's PNG is missing, or the
+            folder holds view PNGs that no frame lists (a partial or mixed render).
+    """
+    render_dir = Path(render_dir)
+    transforms_path = render_dir / "transforms.json"
+    try:
+        transforms = json.loads(transforms_path.read_text())
+    except FileNotFoundError:
+        raise AssetError(sha256, f"{transforms_path} does not exist (not rendered?)", STAGE) from None
+    except (OSError, ValueError) as exc:
+        raise AssetError(sha256, f"cannot read {transforms_path}: {exc}", STAGE) from None
+    frames = transforms.get("frames") if isinstance(transforms, dict) else None
+    if not isinstance(frames, list) or not frames:
+        raise AssetError(sha256, f"{transforms_path} has no 'frames' list (expected one entry per view)", STAGE)
+    views = [_parse_frame(frame, i, render_dir, transforms_path, sha256) for i, frame in enumerate(frames)]
+    listed = [view.path.name for view in views]
+    if len(set(listed)) != len(listed):
+        duplicates = sorted({name for name in listed if listed.count(name) > 1})
+        raise AssetError(sha256, f"{transforms_path} lists the same file twice: {duplicates[:3]}", STAGE)
+    missing = [view.path.name for view in views if not view.path.is_file()]
+    if missing:
+        raise AssetError(
+            sha256, f"{len(missing)} of {len(views)} view PNGs listed in {transforms_path} are missing "
+            f"(first: {missing[:3]})", STAGE)
+    unlisted = sorted(
+        p.name for p in render_dir.iterdir() if _VIEW_FILE.match(p.name) and p.name not in set(listed)
+    )
+    if unlisted:
+        raise AssetError(
+            sha256, f"{render_dir} holds {len(unlisted)} view PNGs that {transforms_path.name} does not list "
+            f"(first: {unlisted[:3]}); frames and files disagree", STAGE)
+    return views
+
+
+def _parse_frame(frame, index: int, render_dir: Path, transforms_path: Path, sha256: str) -> ViewFrame:
+    where = f"{transforms_path} frame {index}"
+    if not isinstance(frame, dict):
+        raise AssetError(sha256, f"{where} is not an object", STAGE)
+    file_path = frame.get("file_path")
+    if not isinstance(file_path, str) or not file_path:
+        raise AssetError(sha256, f"{where} has no file_path", STAGE)
+    try:
+        c2w = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        fov = float(frame["camera_angle_x"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AssetError(sha256, f"{where}: missing or non-numeric transform_matrix/camera_angle_x ({exc})",
+                         STAGE) from None
+    if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
+        raise AssetError(sha256, f"{where}: transform_matrix must be a finite 4x4 matrix, got shape {c2w.shape}",
+                         STAGE)
+    if not 0 < fov < math.pi:
+        raise AssetError(sha256, f"{where}: camera_angle_x {fov} is not in (0, pi) radians", STAGE)
+    return ViewFrame(render_dir / file_path, c2w, fov)
+
+
+def decode_view(path: Path, image_size: int, sha256: str) -> np.ndarray:
+    """Open a view PNG and resize it as TRELLIS does (PIL LANCZOS on the RGBA image).
+
+    PIL resizes RGBA through premultiplied RGBa and rounds to 8 bits; keeping PIL here keeps
+    those roundings bit-identical to TRELLIS. Non-RGBA PNGs are converted to RGBA first
+    (TRELLIS would fail on them).
+
+    Returns:
+        uint8 (S, S, 4), straight (not premultiplied) RGBA, row 0 at the top.
+
+    Raises:
+        AssetError: the file is not a readable, square image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in _IMAGE_MODES:
+                raise AssetError(sha256, f"{path}: image mode {image.mode} is not RGBA/RGB/LA/L/P", STAGE)
+            if image.width != image.height:
+                raise AssetError(sha256, f"{path}: view is {image.width}x{image.height}, expected square", STAGE)
+            if image.mode != "RGBA":
+                image = image.convert("RGBA")
+            image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+            return np.asarray(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise AssetError(sha256, f"cannot decode view {path}: {type(exc).__name__}: {exc}", STAGE) from None
+
+
+def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
+    """Read voxel centres and check they lie in the 64^3 grid.
+
+    Returns:
+        float32 (N, 3), voxel centres in the normalized [-0.5, 0.5]^3 frame, Z up.
+
+    Raises:
+        AssetError: the file is missing or unreadable, empty, or a point lies outside the grid.
+    """
+    from slatflow.io import read_ply_points
+
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(sha256, f"voxel file {path} does not exist (not voxelized?)", STAGE)
+    try:
+        positions = read_ply_points(path)
+    except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a corrupt file
+        raise AssetError(sha256, f"cannot read voxel PLY {path}: {type(exc).__name__}: {exc}", STAGE) from None
+    if len(positions) == 0:
+        raise AssetError(sha256, f"voxel file {path} has no points", STAGE)
+    grid = (positions + np.float32(0.5)) * np.float32(GRID_RESOLUTION)  # (N, 3), TRELLIS's float32 math
+    outside = ~(np.isfinite(grid).all(axis=1) & (grid >= 0).all(axis=1) & (grid < GRID_RESOLUTION).all(axis=1))
+    if outside.any():
+        first = [round(float(c), 5) for c in positions[np.argmax(outside)]]
+        raise AssetError(
+            sha256, f"{int(outside.sum())} of {len(positions)} voxels in {path} lie outside the grid "
+            f"[-0.5, 0.5)^3 (first: {first})", STAGE)
+    return positions
+
+
+def voxel_indices(positions: np.ndarray) -> np.ndarray:
+    """uint8 (N, 3): grid indices of voxel centres, `int((p + 0.5) * 64)` as TRELLIS computes them."""
+    grid = (positions.astype(np.float32) + np.float32(0.5)) * np.float32(GRID_RESOLUTION)
+    return grid.astype(np.int64).astype(np.uint8)
+
+
+def projection_matrices(views: list[ViewFrame]) -> np.ndarray:
+    """float64 (V, 3, 4): normalized intrinsics @ OpenCV world-to-camera, per view.
+
+    `P @ [p, 1]` = (u * z, v * z, z): uv in [0, 1] image coordinates and depth z, the
+    contract's projection (`slatflow.cameras.project_points`) as one matrix per view.
+    """
+    mats = []
+    for view in views:
+        w2c = cameras.extrinsics_from_c2w(view.c2w)  # (4, 4)
+        mats.append(cameras.intrinsics_from_fov(view.fov) @ w2c[:3])  # (3, 4)
+    return np.stack(mats)
+
+
+def project_to_grid(points: "torch.Tensor", projection: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Project points into views, in `grid_sample` coordinates.
+
+    Args:
+        points: float32 (N, 3), world frame.
+        projection: float32 (V, 3, 4), from `projection_matrices`.
+
+    Returns:
+        grid: (V, N, 2), uv * 2 - 1 (x right, y down, [-1, 1] spans the image).
+        depth: (V, N), distance along each optical axis.
+    """
+    pix = points @ projection[:, :, :3].transpose(1, 2) + projection[:, None, :, 3]  # (V, N, 3)
+    depth = pix[..., 2]
+    uv = pix[..., :2] / depth[..., None]  # (V, N, 2) in [0, 1] inside the image
+    return uv * 2 - 1, depth
+
+
+# ----------------------------------------------------------------------------------------------
+# Visibility (optional): depth maps rasterized from mesh.ply
+# ----------------------------------------------------------------------------------------------
+
+
+def load_mesh(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the render's mesh.ply.
+
+    Returns:
+        vertices float32 (M, 3) in the normalized frame; faces int64 (F, 3).
+
+    Raises:
+        AssetError: the file is missing, unreadable or has no triangles.
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(sha256, f"visibility needs {path}, which does not exist", STAGE)
+    try:
+        mesh = trimesh.load(path, force="mesh", process=False)
+    except Exception as exc:  # noqa: BLE001 - trimesh raises many types for a corrupt file
+        raise AssetError(sha256, f"cannot read {path}: {type(exc).__name__}: {exc}", STAGE) from None
+    if len(mesh.faces) == 0:
+        raise AssetError(sha256, f"{path} has no triangles", STAGE)
+    return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+
+
+def rasterize_depth(
+    vertices: "torch.Tensor", faces: "torch.Tensor", projection: "torch.Tensor", resolution: int,
+    max_candidates: int = 1 << 22,
+) -> "torch.Tensor":
+    """Z-buffer depth maps of a triangle mesh (nearest surface per pixel centre).
+
+    No rasterizer runs on both the CPU box and the GPU machine without GL setup, and this
+    needs only depths, so it is a small vectorized one: each triangle tests the pixel centres
+    in its bounding box (triangles grouped by box size, so work ~ covered pixels) and depth
+    is interpolated as 1/z, which is exact for planar triangles under perspective.
+
+    Args:
+        vertices: float32 (M, 3), world frame.
+        faces: int64 (F, 3).
+        projection: float32 (V, 3, 4), from `projection_matrices`.
+        resolution: R, the depth map side.
+        max_candidates: (triangle, pixel) pairs evaluated at once (bounds memory).
+
+    Returns:
+        float32 (V, R, R): depth along the optical axis of the nearest surface at each pixel
+        centre (pixel (i, j) covers uv in [j/R, (j+1)/R) x [i/R, (i+1)/R)); +inf where none.
+    """
+    import torch
+
+    num_views = projection.shape[0]
+    depth = torch.full((num_views, resolution * resolution), math.inf, device=vertices.device)
+    for view in range(num_views):
+        pix = vertices @ projection[view, :, :3].T + projection[view, :, 3]  # (M, 3)
+        z = pix[:, 2]
+        xy = pix[:, :2] / z[:, None] * resolution  # (M, 2) in pixel units
+        tri_xy, tri_z = xy[faces], z[faces]  # (F, 3, 2), (F, 3)
+        in_front = (tri_z > 1e-6).all(dim=1)
+        tri_xy, tri_z = tri_xy[in_front], tri_z[in_front]
+        # pixel centres c + 0.5 inside each triangle's box: c in [ceil(min - .5), floor(max - .5)]
+        lo = torch.ceil(tri_xy.amin(dim=1) - 0.5).clamp(0, resolution - 1)  # (F, 2)
+        hi = torch.floor(tri_xy.amax(dim=1) - 0.5).clamp(-1, resolution - 1)  # (F, 2)
+        extent = (hi - lo + 1).amax(dim=1)  # (F,) box side in pixels (<= 0: covers no centre)
+        level = torch.ceil(torch.log2(extent.clamp(min=1))).long()  # (F,) box fits 2^level
+        for k in level[extent > 0].unique().tolist():
+            side = 1 << k
+            sel = torch.nonzero((level == k) & (extent > 0)).squeeze(1)
+            step = max(1, max_candidates // (side * side))
+            for start in range(0, len(sel), step):
+                tri = sel[start:start + step]
+                _rasterize_group(depth[view], tri_xy[tri], tri_z[tri], lo[tri], hi[tri], side, resolution)
+    return depth.view(num_views, resolution, resolution)
+
+
+def _rasterize_group(depth_view, tri_xy, tri_z, lo, hi, side, resolution) -> None:
+    import torch
+
+    offsets = torch.arange(side, device=tri_xy.device, dtype=tri_xy.dtype)
+    oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
+    px = lo[:, None, 0] + ox.reshape(1, -1)  # (T, side^2) pixel column
+    py = lo[:, None, 1] + oy.reshape(1, -1)  # (T, side^2) pixel row
+    valid = (px <= hi[:, None, 0]) & (py <= hi[:, None, 1])
+    cx, cy = px + 0.5, py + 0.5
+    (x0, y0), (x1, y1), (x2, y2) = (tri_xy[:, i, :].T[..., None] for i in range(3))  # each (T, 1)
+    area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)  # (T, 1) twice the signed area
+    w0 = ((x1 - cx) * (y2 - cy) - (x2 - cx) * (y1 - cy)) / area  # (T, side^2) barycentrics
+    w1 = ((x2 - cx) * (y0 - cy) - (x0 - cx) * (y2 - cy)) / area
+    w2 = 1 - w0 - w1
+    eps = -1e-6  # pixel centres on a shared edge count for both triangles
+    inside = valid & (area.abs() > 1e-12) & (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
+    inv_z = w0 / tri_z[:, 0:1] + w1 / tri_z[:, 1:2] + w2 / tri_z[:, 2:3]  # (T, side^2)
+    flat = (py * resolution + px).long()
+    depth_view.scatter_reduce_(0, flat[inside], (1 / inv_z)[inside], reduce="amin")
+
+
+def visibility_weights(
+    grid: "torch.Tensor", depth: "torch.Tensor", depth_maps: "torch.Tensor",
+    tolerance: float = VISIBILITY_DEPTH_TOLERANCE,
+) -> "torch.Tensor":
+    """1 where a voxel is inside a view's frustum and not behind the surface, else 0.
+
+    Args:
+        grid: (V, N, 2) from `project_to_grid`.
+        depth: (V, N) voxel depths.
+        depth_maps: (V, R, R) from `rasterize_depth`.
+        tolerance: how far behind the nearest surface a voxel centre may lie, world units.
+
+    Returns:
+        float32 (V, N).
+    """
+    import torch
+
+    resolution = depth_maps.shape[-1]
+    uv = (grid + 1) / 2  # (V, N, 2) in [0, 1]
+    inside = (depth > 0) & (uv >= 0).all(-1) & (uv < 1).all(-1)  # (V, N)
+    pixel = (uv.clamp(0, 1 - 1e-7) * resolution).long()  # (V, N, 2) column, row
+    flat = pixel[..., 1] * resolution + pixel[..., 0]  # (V, N)
+    surface = torch.gather(depth_maps.flatten(1), 1, flat)  # (V, N)
+    return (inside & (depth <= surface + tolerance)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The extractor: model once, many assets streamed
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PreparedAsset:
+    job: FeatureJob
+    views: list[ViewFrame]
+    images: list[Future]  # each -> uint8 (S, S, 4)
+    positions: np.ndarray  # float32 (N, 3)
+    projection: np.ndarray  # float64 (V, 3, 4)
+    mesh: tuple[np.ndarray, np.ndarray] | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        for future in self.images:
+            future.cancel()
+
+
+class FeatureExtractor:
+    """Loads the model once and extracts features for many assets.
+
+    Args:
+        settings: the stage's settings.
+        loaded: an already loaded model (tests, benchmarks); default loads `settings.weights`.
+    """
+
+    def __init__(self, settings: FeatureSettings, loaded: LoadedDinov2 | None = None):
+        import torch
+
+        self.settings = settings
+        arch = resolve_arch(settings.model)
+        if loaded is None:
+            loaded = load_dinov2(arch, settings.weights, model_name=settings.model, seed=settings.seed)
+        self.loaded = loaded
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+        )
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"features.device {settings.device!r}: no CUDA device is available")
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.compute_dtype = getattr(torch, dtype)
+        self.model = loaded.model.to(self.device).eval()
+        self.embed_dim = self.model.config.hidden_size
+        shape = (3, 1, 1)
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).view(shape)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).view(shape)
+        logger.info(
+            "features: %s (%s) on %s, %s, %dpx, batch %d, visibility %s -> features/%s/",
+            settings.model, loaded.source, self.device, dtype, settings.image_size, settings.batch_size,
+            settings.visibility, settings.feature_name,
+        )
+
+    # -- one asset on the device ---------------------------------------------------------------
+
+    def _normalize(self, rgba: "torch.Tensor") -> "torch.Tensor":
+        """uint8 (B, S, S, 4) -> float32 (B, 3, S, S): /255, rgb * alpha, ImageNet-normalized."""
+        image = rgba.permute(0, 3, 1, 2).float() / 255  # (B, 4, S, S)
+        rgb = image[:, :3] * image[:, 3:]  # premultiplied: black background
+        return (rgb - self._mean) / self._std
+
+    def patch_token_maps(self, rgba: "torch.Tensor") -> "torch.Tensor":
+        """float32 (B, D, S/14, S/14) `x_prenorm` patch tokens of uint8 (B, S, S, 4) views."""
+        import torch
+
+        pixels = self._normalize(rgba.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            maps = prenorm_patch_tokens(self.model, pixels)
+        return maps.float()
+
+    def _extract_prepared(self, asset: _PreparedAsset) -> AssetFeatures:
+        import torch
+        import torch.nn.functional as F
+
+        sha256 = asset.job.sha256
+        points = torch.from_numpy(asset.positions).to(self.device)  # (N, 3)
+        projection = torch.from_numpy(asset.projection).to(self.device, torch.float32)  # (V, 3, 4)
+        num_views, num_voxels = len(asset.views), len(points)
+        depth_maps = None
+        if asset.mesh is not None:
+            vertices, faces = (torch.from_numpy(a).to(self.device) for a in asset.mesh)
+            depth_maps = rasterize_depth(vertices, faces, projection, VISIBILITY_DEPTH_RESOLUTION)
+        total = torch.zeros(self.embed_dim, num_voxels, device=self.device)  # (D, N) sum over views
+        seen = torch.zeros(num_voxels, device=self.device) if depth_maps is not None else None
+        unweighted = torch.zeros_like(total) if depth_maps is not None else None
+        batch = self.settings.batch_size
+        for start in range(0, num_views, batch):
+            stop = min(start + batch, num_views)
+            rgba = np.stack([future.result() for future in asset.images[start:stop]])  # (B, S, S, 4)
+            rgba = torch.from_numpy(rgba)
+            if self.device.type == "cuda":
+                rgba = rgba.pin_memory()
+            maps = self.patch_token_maps(rgba)  # (B, D, n, n)
+            grid, depth = project_to_grid(points, projection[start:stop])  # (B, N, 2), (B, N)
+            weights = None
+            if depth_maps is not None:
+                weights = visibility_weights(grid, depth, depth_maps[start:stop])  # (B, N)
+                seen += weights.sum(0)
+            chunk = max(1, (self.settings.sample_memory_mb << 20) // (4 * self.embed_dim * (stop - start)))
+            for lo in range(0, num_voxels, chunk):
+                hi = min(lo + chunk, num_voxels)
+                sampled = F.grid_sample(
+                    maps, grid[:, None, lo:hi], mode="bilinear", padding_mode="zeros", align_corners=False
+                )[:, :, 0]  # (B, D, n_chunk)
+                if weights is None:
+                    total[:, lo:hi] += sampled.sum(0)
+                else:
+                    unweighted[:, lo:hi] += sampled.sum(0)
+                    total[:, lo:hi] += (sampled * weights[:, None, lo:hi]).sum(0)
+        if seen is None:
+            mean = total / num_views  # (D, N)
+            views_seen = None
+        else:
+            unseen = seen == 0
+            if unseen.any():  # no view sees it (enclosed, or hidden by the tolerance): all views
+                logger.info("asset %s: %d of %d voxels seen by no view; they take the all-view mean",
+                            sha256, int(unseen.sum()), num_voxels)
+            mean = torch.where(unseen, unweighted / num_views, total / seen.clamp(min=1))
+            views_seen = seen.int().cpu().numpy()
+        mean = mean.T.contiguous().cpu().numpy()  # (N, D) float32
+        return AssetFeatures(
+            indices=voxel_indices(asset.positions),
+            patchtokens=mean.astype(np.float16),
+            mean=mean,
+            num_views=num_views,
+            views_seen=views_seen,
+            random_weights=self.loaded.random_weights,
+        )
+
+    # -- many assets, streamed ------------------------------------------------------------------
+
+    def _prepare(self, job: FeatureJob, decoder: ThreadPoolExecutor) -> _PreparedAsset:
+        views = read_view_frames(job.render_dir, job.sha256)
+        positions = load_voxels(job.voxels_path, job.sha256)
+        mesh = load_mesh(Path(job.render_dir) / "mesh.ply", job.sha256) if self.settings.visibility else None
+        images = [decoder.submit(decode_view, view.path, self.settings.image_size, job.sha256) for view in views]
+        return _PreparedAsset(job, views, images, positions, projection_matrices(views), mesh)
+
+    def run(self, jobs: Iterable[FeatureJob], keep_features: bool = False) -> list[FeatureOutcome]:
+        """Extract and write the features of many assets; one bad asset fails alone.
+
+        The next asset's views are decoded while the model runs on the current one, and
+        outputs are compressed and written in background threads.
+
+        Args:
+            jobs: the assets.
+            keep_features: also return each asset's `AssetFeatures` (tests, benchmarks).
+
+        Returns:
+            One outcome per job, in order.
+        """
+        import torch
+
+        jobs = list(jobs)
+        outcomes: list[FeatureOutcome | Future] = []
+        with (
+            ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as decoder,
+            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
+            ThreadPoolExecutor(4, thread_name_prefix="save") as saver,
+            torch.inference_mode(),
+        ):
+            lookahead = 2  # assets being read ahead: one decoding, one queued behind it
+            pending: deque[tuple[FeatureJob, Future]] = deque()
+            queue = iter(jobs)
+
+            def refill():
+                while len(pending) < lookahead:
+                    job = next(queue, None)
+                    if job is None:
+                        return
+                    pending.append((job, preparer.submit(self._prepare, job, decoder)))
+
+            refill()
+            while pending:
+                job, prepared = pending.popleft()
+                started = time.perf_counter()
+                asset = None
+                try:
+                    asset = prepared.result()
+                    refill()  # start reading the next asset before this one occupies the GPU
+                    features = self._extract_prepared(asset)
+                except AssetError as exc:
+                    if asset is not None:
+                        asset.cancel()
+                    refill()
+                    logger.error("asset %s failed: %s", job.sha256, exc.reason)
+                    outcomes.append(FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc))
+                    continue
+                outcomes.append(saver.submit(self._finish, job, features, started, keep_features))
+            results = [o.result() if isinstance(o, Future) else o for o in outcomes]
+        return results
+
+    def _finish(self, job: FeatureJob, features: AssetFeatures, started: float, keep: bool) -> FeatureOutcome:
+        if job.output_path is not None:
+            try:
+                write_features(job.output_path, features, visibility=self.settings.visibility)
+            except OSError as exc:
+                error = AssetError(job.sha256, f"cannot write {job.output_path}: {exc}", STAGE)
+                return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, error)
+        seconds = time.perf_counter() - started
+        logger.info("asset %s: %d voxels x %d views -> %s (%.2f s)", job.sha256, len(features.indices),
+                    features.num_views, job.output_path, seconds)
+        return FeatureOutcome(job.sha256, job.output_path, seconds, None, features if keep else None)
+
+
+def write_features(path: str | os.PathLike, features: AssetFeatures, visibility: bool = False) -> None:
+    """Write the contract's npz (`indices`, `patchtokens`) plus provenance flags.
+
+    `random_weights` and `visibility` are extra 0-d bool arrays; TRELLIS reads its two keys
+    by name, so they do not disturb it.
+    """
+    arrays = {
+        "indices": features.indices,
+        "patchtokens": features.patchtokens,
+        "random_weights": np.bool_(features.random_weights),
+        "visibility": np.bool_(visibility),
+    }
+    if features.views_seen is not None:
+        arrays["views_seen"] = features.views_seen
+    save_npz_atomic(path, **arrays)
+
+
+def extract_features(
+    jobs: Iterable[FeatureJob], settings: FeatureSettings, loaded: LoadedDinov2 | None = None
+) -> list[FeatureOutcome]:
+    """Load the model once and write `features/<name>/<sha256>.npz` for each job."""
+    return FeatureExtractor(settings, loaded).run(jobs)
