@@ -1,0 +1,559 @@
+"""Latent stage: sparse-structure latents, structured latents (SLat) and their statistics.
+
+Per asset, with TRELLIS's encoders (`slatflow.models`, strict-loaded official checkpoints):
+- `ss_latents/<ss_enc>/<sha>.npz`: `mean` float32 (8, 16, 16, 16), the sparse-structure
+  encoder's posterior mean of the 64^3 occupancy built from `voxels/<sha>.ply`;
+- `latents/<feat>_<slat_enc>/<sha>.npz`: `feats` float32 (N, 8) and `coords` uint8 (N, 3),
+  the SLat encoder's posterior mean per voxel of `features/<feat>/<sha>.npz`, same order;
+- `latents/<name>/stats.json`: `{"mean": [8], "std": [8]}` over assets (TRELLIS's `stat_latent`).
+
+Outputs of random-weight encoders carry an extra `random_weights` key (True); TRELLIS's
+loaders read only the keys they need, so the files still load unchanged.
+
+Batch-first: `encode_ss_latents` / `encode_slat_latents` take many assets, load the model
+once, read inputs ahead on a thread, pack several assets into one forward pass (windows and
+convolutions never mix assets), and return the assets that failed, each with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+import zipfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence, TypeVar
+
+import numpy as np
+
+from slatflow.errors import AssetError
+from slatflow.io import save_npz_atomic, write_json_atomic
+from slatflow.models.checkpoint import LoadedEncoder, load_encoder
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+# "auto": TRELLIS's numerics, the fp16 torso on GPU for `use_fp16` checkpoints, fp32 on CPU.
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+SS_STAGE = "ss_latent"
+SLAT_STAGE = "slat_latent"
+STATS_STAGE = "latent_stats"
+
+# TRELLIS's voxel grid side: voxel centres are (i + 0.5) / 64 - 0.5.
+VOXEL_RESOLUTION = 64
+# TRELLIS's training filter on num_voxels; encoding more works, it is only a sizing hint.
+TRAINING_VOXEL_CAP = 32768
+# Assets per forward pass: a 64^3 x 32-channel fp16 activation is 16 MB, so 8 assets stay
+# far below an H100's memory; on CPU a batch gains nothing over one asset at a time.
+SS_BATCH = {"cuda": 8, "cpu": 1}
+# Voxels per SLat forward pass: 4 assets at the training cap on GPU (about 3 GB of fp16
+# activations); on CPU one capped asset (its float32 MLP activation is 400 MB).
+SLAT_VOXELS_PER_BATCH = {"cuda": 4 * TRAINING_VOXEL_CAP, "cpu": TRAINING_VOXEL_CAP}
+# Assets read ahead of the model by the loader thread.
+PREFETCH_ASSETS = 8
+
+FEATURE_KEYS = ("indices", "patchtokens")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """One asset to encode.
+
+    Attributes:
+        sha256: the asset's key.
+        source: `voxels/<sha>.ply` (SS) or `features/<feat>/<sha>.npz` (SLat).
+        output: the latent `.npz` to write.
+    """
+
+    sha256: str
+    source: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class SparseFeatures:
+    """The voxels of one asset with their features.
+
+    Attributes:
+        indices: uint8 (N, 3) voxel indices (x, y, z) in [0, 64).
+        patchtokens: float16 or float32 (N, C) features, C the encoder's in_channels.
+    """
+
+    sha256: str
+    indices: np.ndarray
+    patchtokens: np.ndarray
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel statistics of structured latents over assets.
+
+    Attributes:
+        mean: float64 (C,) mean over assets of each asset's mean latent.
+        std: float64 (C,) sqrt(E[x^2] - mean^2), E[x^2] averaged over assets the same way.
+        num_assets: how many latent files went in.
+        random_weights: some latent came from a random-weight encoder.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    num_assets: int
+    random_weights: bool
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int = VOXEL_RESOLUTION) -> np.ndarray:
+    """Voxel indices of voxel-centre positions, as TRELLIS's `encode_ss_latent` computes them.
+
+    Args:
+        points: float (N, 3) voxel centres `(i + 0.5) / resolution - 0.5`, normalized frame.
+
+    Returns:
+        int64 (N, 3) indices `int((p + 0.5) * resolution)` (float32 math, truncation).
+
+    Raises:
+        AssetError: no points, non-finite points, or indices outside [0, resolution).
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise AssetError(sha256, f"voxel positions have shape {points.shape}, expected (N>0, 3)", SS_STAGE)
+    if not np.isfinite(points).all():
+        raise AssetError(sha256, "voxel positions contain NaN or inf", SS_STAGE)
+    half, res = np.float32(0.5), np.float32(resolution)
+    indices = ((points.astype(np.float32) + half) * res).astype(np.int64)  # (N, 3), truncates
+    bad = (indices < 0) | (indices >= resolution)
+    if bad.any():
+        row = int(np.argwhere(bad.any(axis=1))[0, 0])
+        raise AssetError(
+            sha256,
+            f"{int(bad.any(axis=1).sum())} voxel positions fall outside the {resolution}^3 grid, "
+            f"e.g. {points[row].tolist()} (expected centres in [-0.5, 0.5])",
+            SS_STAGE,
+        )
+    return indices
+
+
+def read_voxel_indices(sha256: str, path: str | Path, resolution: int = VOXEL_RESOLUTION) -> np.ndarray:
+    """Read `voxels/<sha>.ply` and return int64 (N, 3) voxel indices (see voxel_indices_from_points)."""
+    from slatflow.io import read_ply_points
+
+    try:
+        points = read_ply_points(path)  # (N, 3) float32
+    except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
+        raise AssetError(sha256, f"unreadable voxel file {path}: {type(exc).__name__}: {exc}", SS_STAGE) from exc
+    return voxel_indices_from_points(sha256, points, resolution)
+
+
+def voxel_occupancy(indices: np.ndarray, resolution: int = VOXEL_RESOLUTION) -> np.ndarray:
+    """The dense occupancy grid of voxel indices.
+
+    Args:
+        indices: integer (N, 3) in [0, resolution).
+
+    Returns:
+        float32 (1, R, R, R), 1 at [x, y, z] of every voxel (the encoder's channel axis first).
+    """
+    grid = np.zeros((1, resolution, resolution, resolution), dtype=np.float32)
+    grid[0, indices[:, 0], indices[:, 1], indices[:, 2]] = 1.0
+    return grid
+
+
+def read_sparse_features(
+    sha256: str, path: str | Path, in_channels: int, resolution: int = VOXEL_RESOLUTION
+) -> SparseFeatures:
+    """Read and check `features/<feat>/<sha>.npz` (`indices` uint8 (N, 3), `patchtokens` (N, C)).
+
+    Raises:
+        AssetError: unreadable file, missing keys, wrong shapes or dtypes, no voxels,
+            indices outside the grid or repeated, non-finite features.
+    """
+
+    def bad(reason: str) -> AssetError:
+        return AssetError(sha256, f"{path}: {reason}", SLAT_STAGE)
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in FEATURE_KEYS if key not in data.files]
+            if missing:
+                raise bad(f"missing {missing}, found {sorted(data.files)}")
+            indices, tokens = data["indices"], data["patchtokens"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise bad(f"unreadable feature file: {type(exc).__name__}: {exc}") from exc
+
+    if indices.ndim != 2 or indices.shape[1] != 3:
+        raise bad(f"indices have shape {indices.shape}, expected (N, 3)")
+    if indices.dtype.kind not in "ui":
+        raise bad(f"indices have dtype {indices.dtype}, expected uint8")
+    if tokens.dtype not in (np.float16, np.float32):
+        raise bad(f"patchtokens have dtype {tokens.dtype}, expected float16")
+    if tokens.shape != (len(indices), in_channels):
+        raise bad(f"patchtokens have shape {tokens.shape}, expected ({len(indices)}, {in_channels})")
+    if len(indices) == 0:
+        raise bad("no voxels (empty indices)")
+    if indices.min() < 0 or indices.max() >= resolution:
+        raise bad(f"indices span [{indices.min()}, {indices.max()}], expected [0, {resolution})")
+    linear = (indices.astype(np.int64) * [resolution * resolution, resolution, 1]).sum(axis=1)  # (N,)
+    if len(np.unique(linear)) != len(linear):
+        raise bad(f"{len(linear) - len(np.unique(linear))} repeated voxel indices")
+    if not np.isfinite(tokens).all():
+        raise bad("patchtokens contain NaN or inf")
+    return SparseFeatures(sha256, indices.astype(np.uint8), tokens)
+
+
+# --- model placement -----------------------------------------------------------------------
+
+
+def resolve_device(device: Device | str) -> "torch.device":
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_torso_dtype(precision: Precision, device: "torch.device", use_fp16: bool) -> "torch.dtype":
+    """The dtype of the encoder's torso: fp16 on GPU for `use_fp16` checkpoints under "auto"."""
+    import torch
+
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" and use_fp16 else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def place_encoder(encoder: LoadedEncoder, device: "torch.device", dtype: "torch.dtype") -> Any:
+    """A copy of the encoder's model on `device` with its torso in `dtype` (the original stays fp32)."""
+    import torch
+
+    model = encoder.model
+    if device.type != "cpu" or dtype != torch.float32:
+        model = copy.deepcopy(model).to(device)
+        model.set_torso_dtype(dtype)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def exact_fp32(device: "torch.device", dtype: "torch.dtype") -> Iterator[None]:
+    """With an fp32 torso on CUDA, turn off TF32 (cuDNN convs default to it) for true fp32."""
+    import torch
+
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+# --- the batch loop ------------------------------------------------------------------------
+
+
+def _read_ahead(jobs: Sequence[LatentJob], read: Callable[[LatentJob], T], depth: int) -> Iterator[tuple[LatentJob, T | AssetError]]:
+    """Yield (job, read(job) or its AssetError) in order, reading up to `depth` jobs ahead."""
+
+    def guarded(job: LatentJob) -> T | AssetError:
+        try:
+            return read(job)
+        except AssetError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque[tuple[LatentJob, Future]] = deque()
+        queue = iter(jobs)
+        for job in queue:
+            pending.append((job, pool.submit(guarded, job)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            job, future = pending.popleft()
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, pool.submit(guarded, following)))
+            yield job, future.result()
+
+
+def _batches(items: Iterable[tuple[LatentJob, T]], size_of: Callable[[T], int], budget: int) -> Iterator[list[tuple[LatentJob, T]]]:
+    """Group items in order into batches whose sizes sum to at most `budget` (one oversize item alone)."""
+    batch: list[tuple[LatentJob, T]] = []
+    used = 0
+    for item in items:
+        size = size_of(item[1])
+        if batch and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += size
+    if batch:
+        yield batch
+
+
+def _run_split_on_oom(
+    batch: list[tuple[LatentJob, T]],
+    forward: Callable[[list[tuple[LatentJob, T]]], list[np.ndarray]],
+    stage: str,
+    describe: Callable[[T], str],
+) -> list[np.ndarray | AssetError]:
+    """forward(batch), halving the batch when the GPU runs out of memory."""
+    import torch
+
+    try:
+        return list(forward(batch))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(batch) == 1:
+            job, item = batch[0]
+            return [AssetError(job.sha256, f"out of GPU memory encoding {describe(item)}", stage)]
+        half = len(batch) // 2
+        return _run_split_on_oom(batch[:half], forward, stage, describe) + _run_split_on_oom(
+            batch[half:], forward, stage, describe
+        )
+
+
+def _encode_all(
+    jobs: Sequence[LatentJob],
+    stage: str,
+    read: Callable[[LatentJob], T],
+    size_of: Callable[[T], int],
+    budget: int,
+    forward: Callable[[list[tuple[LatentJob, T]]], list[np.ndarray]],
+    pack: Callable[[T, np.ndarray], dict[str, np.ndarray]],
+    describe: Callable[[T], str],
+    random_weights: bool,
+) -> dict[str, AssetError]:
+    """Read, batch, encode, check and write every job; return the failures by sha256."""
+    failures: dict[str, AssetError] = {}
+
+    def record(sha256: str, error: AssetError) -> None:
+        logger.error("%s", error)
+        failures[sha256] = error
+
+    def keep_readable(stream):
+        for job, item in stream:
+            if isinstance(item, AssetError):
+                record(job.sha256, item)
+            else:
+                yield job, item
+
+    def write(job: LatentJob, arrays: dict[str, np.ndarray]) -> None:
+        if random_weights:
+            arrays["random_weights"] = np.bool_(True)
+        save_npz_atomic(job.output, **arrays)
+
+    with ThreadPoolExecutor(max_workers=2) as writer:
+        writes: list[tuple[LatentJob, Future]] = []
+        for batch in _batches(keep_readable(_read_ahead(jobs, read, PREFETCH_ASSETS)), size_of, budget):
+            start = time.perf_counter()
+            results = _run_split_on_oom(batch, forward, stage, describe)
+            for (job, item), result in zip(batch, results):
+                if isinstance(result, AssetError):
+                    record(job.sha256, result)
+                elif not np.isfinite(result).all():
+                    record(job.sha256, AssetError(job.sha256, f"non-finite latent from {describe(item)}", stage))
+                else:
+                    writes.append((job, writer.submit(write, job, pack(item, result))))
+            logger.info(
+                "%s: encoded %d assets (%s) in %.2f s",
+                stage,
+                len(batch),
+                ", ".join(describe(item) for _, item in batch),
+                time.perf_counter() - start,
+            )
+        for job, future in writes:
+            try:
+                future.result()
+            except OSError as exc:
+                record(job.sha256, AssetError(job.sha256, f"cannot write {job.output}: {exc}", stage))
+    logger.info("%s: %d of %d assets written", stage, len(jobs) - len(failures), len(jobs))
+    return failures
+
+
+def _as_encoder(encoder: LoadedEncoder | str, kind: str) -> LoadedEncoder:
+    return encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, kind)
+
+
+def encode_ss_latents(
+    jobs: Sequence[LatentJob],
+    encoder: LoadedEncoder | str,
+    device: Device | str = "auto",
+    precision: Precision = "auto",
+    batch_size: int | None = None,
+) -> dict[str, AssetError]:
+    """Encode `voxels/<sha>.ply` files into `ss_latents/<ss_enc>/<sha>.npz` (`mean` (8, 16, 16, 16)).
+
+    Args:
+        jobs: (sha256, voxel PLY, output npz) per asset.
+        encoder: a loaded SparseStructureEncoder, or its spec (see slatflow.models.checkpoint).
+        device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
+        precision: torso dtype; "auto" is TRELLIS's (fp16 on GPU, fp32 on CPU).
+        batch_size: assets per forward pass; default SS_BATCH[device type].
+
+    Returns:
+        The assets that failed, by sha256, with an AssetError naming the cause; the others
+        are written.
+    """
+    import torch
+
+    encoder = _as_encoder(encoder, "ss")
+    dev = resolve_device(device)
+    dtype = resolve_torso_dtype(precision, dev, encoder.config["args"].get("use_fp16", False))
+    model = place_encoder(encoder, dev, dtype)
+    resolution = VOXEL_RESOLUTION
+
+    def read(job: LatentJob) -> np.ndarray:
+        return read_voxel_indices(job.sha256, job.source, resolution)
+
+    def forward(batch: list[tuple[LatentJob, np.ndarray]]) -> list[np.ndarray]:
+        grids = torch.from_numpy(np.stack([voxel_occupancy(idx, resolution) for _, idx in batch]))
+        with torch.inference_mode(), exact_fp32(dev, dtype):
+            mean = model(grids.to(dev))  # (B, 8, 16, 16, 16)
+        return list(mean.float().cpu().numpy())
+
+    logger.info("ss latents: %d assets, %s on %s, torso %s", len(jobs), encoder.name, dev, dtype)
+    return _encode_all(
+        jobs,
+        SS_STAGE,
+        read,
+        size_of=lambda _: 1,
+        budget=batch_size or SS_BATCH[dev.type],
+        forward=forward,
+        pack=lambda _, mean: {"mean": mean.astype(np.float32)},
+        describe=lambda idx: f"{len(idx)} voxels",
+        random_weights=encoder.random_weights,
+    )
+
+
+def encode_slat_latents(
+    jobs: Sequence[LatentJob],
+    encoder: LoadedEncoder | str,
+    device: Device | str = "auto",
+    precision: Precision = "auto",
+    max_voxels_per_batch: int | None = None,
+) -> dict[str, AssetError]:
+    """Encode `features/<feat>/<sha>.npz` files into `latents/<feat>_<slat_enc>/<sha>.npz`.
+
+    Each output holds `feats` float32 (N, 8) and `coords` uint8 (N, 3), row i for the
+    feature file's voxel i.
+
+    Args:
+        jobs: (sha256, feature npz, output npz) per asset.
+        encoder: a loaded SLatEncoder, or its spec (see slatflow.models.checkpoint).
+        device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
+        precision: torso dtype; "auto" is TRELLIS's (fp16 on GPU, fp32 on CPU).
+        max_voxels_per_batch: voxels packed into one forward pass (several assets; one
+            larger asset runs alone); default SLAT_VOXELS_PER_BATCH[device type].
+
+    Returns:
+        The assets that failed, by sha256, with an AssetError naming the cause.
+    """
+    import torch
+
+    encoder = _as_encoder(encoder, "slat")
+    args = encoder.config["args"]
+    dev = resolve_device(device)
+    dtype = resolve_torso_dtype(precision, dev, args.get("use_fp16", False))
+    model = place_encoder(encoder, dev, dtype)
+    resolution = args.get("resolution", VOXEL_RESOLUTION)
+
+    def read(job: LatentJob) -> SparseFeatures:
+        return read_sparse_features(job.sha256, job.source, args["in_channels"], resolution)
+
+    def forward(batch: list[tuple[LatentJob, SparseFeatures]]) -> list[np.ndarray]:
+        sizes = [len(item.indices) for _, item in batch]
+        coords = np.concatenate(
+            [np.concatenate([np.full((n, 1), b), item.indices], axis=1) for b, (n, (_, item)) in enumerate(zip(sizes, batch))]
+        )  # (N, 4): batch index, x, y, z
+        feats = np.concatenate([item.patchtokens for _, item in batch])  # (N, C)
+        with torch.inference_mode(), exact_fp32(dev, dtype):
+            mean = model(
+                torch.from_numpy(feats).to(dev).float(), torch.from_numpy(coords.astype(np.int64)).to(dev)
+            )  # (N, 8)
+        return np.split(mean.float().cpu().numpy(), np.cumsum(sizes)[:-1])
+
+    logger.info("slat latents: %d assets, %s on %s, torso %s", len(jobs), encoder.name, dev, dtype)
+    return _encode_all(
+        jobs,
+        SLAT_STAGE,
+        read,
+        size_of=lambda item: len(item.indices),
+        budget=max_voxels_per_batch or SLAT_VOXELS_PER_BATCH[dev.type],
+        forward=forward,
+        pack=lambda item, mean: {"feats": mean.astype(np.float32), "coords": item.indices},
+        describe=lambda item: f"{len(item.indices)} voxels",
+        random_weights=encoder.random_weights,
+    )
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+
+def compute_latent_stats(paths: Sequence[str | Path]) -> LatentStats:
+    """Per-channel mean and std of structured latents (TRELLIS's `stat_latent`).
+
+    Each asset counts once: mean = average over assets of the asset's mean latent,
+    std = sqrt(average of the assets' mean squared latent - mean^2), in float64.
+
+    Args:
+        paths: `latents/<name>/<sha>.npz` files with `feats` float (N, C).
+
+    Raises:
+        AssetError: a file without a readable float (N>0, C) `feats`, or whose C differs.
+        ValueError: no paths.
+    """
+    if not paths:
+        raise ValueError("no latent files to compute statistics from")
+    means, mean_squares = [], []
+    random_weights = False
+    for path in paths:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                feats = data["feats"]
+                random_weights |= bool(data["random_weights"]) if "random_weights" in data.files else False
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise AssetError(path.stem, f"unreadable latent {path}: {type(exc).__name__}: {exc}", STATS_STAGE) from exc
+        if feats.ndim != 2 or len(feats) == 0 or feats.dtype.kind != "f":
+            raise AssetError(path.stem, f"{path}: feats {feats.dtype} {feats.shape}, expected float (N>0, C)", STATS_STAGE)
+        if means and feats.shape[1] != len(means[0]):
+            raise AssetError(path.stem, f"{path}: {feats.shape[1]} channels, others have {len(means[0])}", STATS_STAGE)
+        feats = feats.astype(np.float64)
+        means.append(feats.mean(axis=0))  # (C,)
+        mean_squares.append((feats**2).mean(axis=0))  # (C,)
+    mean = np.mean(means, axis=0)  # (C,)
+    variance = np.mean(mean_squares, axis=0) - mean**2
+    std = np.sqrt(np.maximum(variance, 0.0))  # rounding can make a zero variance negative
+    return LatentStats(mean=mean, std=std, num_assets=len(means), random_weights=random_weights)
+
+
+def write_latent_stats(paths: Sequence[str | Path], out_path: str | Path) -> LatentStats:
+    """Compute the statistics of `paths` and write `{"mean", "std", "num_assets", "random_weights"}`."""
+    stats = compute_latent_stats(paths)
+    write_json_atomic(
+        out_path,
+        {
+            "mean": stats.mean.tolist(),
+            "std": stats.std.tolist(),
+            "num_assets": stats.num_assets,
+            "random_weights": stats.random_weights,
+        },
+    )
+    if stats.random_weights:
+        logger.warning("latent stats %s come from random-weight latents (random_weights: true)", out_path)
+    logger.info("latent stats over %d assets -> %s", stats.num_assets, out_path)
+    return stats
