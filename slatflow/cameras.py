@@ -74,18 +74,22 @@ def camera_position(yaw: float, pitch: float, radius: float) -> np.ndarray:
 def look_at_c2w(position: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
     """float64 (4, 4): OpenGL camera-to-world looking from `position` at `target`, world Z up.
 
-    Matches Blender's TRACK_TO constraint (track -Z, up Y) toward the origin.
+    Matches Blender's TRACK_TO constraint (track -Z, up Y) toward the origin, including its
+    rule near the poles (`vectomat` in Blender's constraint.cc): image up is world +Z projected
+    onto the image plane, normalized however short it is; only an exactly vertical view
+    (squared length <= 1e-35) falls back to world +Y as up.
     """
     position = np.asarray(position, dtype=np.float64).reshape(3)
     target = np.zeros(3) if target is None else np.asarray(target, dtype=np.float64).reshape(3)
     back = position - target  # camera +Z points away from what it looks at
     back /= np.linalg.norm(back)
     world_up = np.array([0.0, 0.0, 1.0])
-    right = np.cross(world_up, back)
-    if np.linalg.norm(right) < 1e-12:  # looking straight up or down: Blender keeps +Y as up
-        right = np.array([1.0, 0.0, 0.0]) if back[2] > 0 else np.array([-1.0, 0.0, 0.0])
+    up = world_up - np.dot(world_up, back) * back  # world up projected onto the image plane
+    if np.dot(up, up) <= 1e-35:
+        up = np.array([0.0, 1.0, 0.0])
+    up /= np.linalg.norm(up)
+    right = np.cross(up, back)
     right /= np.linalg.norm(right)
-    up = np.cross(back, right)
     c2w = np.eye(4)
     c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, up, back, position
     return c2w
