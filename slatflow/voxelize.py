@@ -460,6 +460,7 @@ def voxelize_asset(
 
     vertices, faces = read_mesh_ply(mesh_path, sha256)
     try:
+        vertices, faces = _checked_mesh(vertices, faces)  # before the clamp, which hides inf
         indices = voxelize_mesh(clamp_vertices(vertices), faces, resolution)  # (N, 3)
     except ValueError as exc:
         raise AssetError(sha256, f"mesh {mesh_path}: {exc}", STAGE) from exc
