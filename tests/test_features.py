@@ -41,6 +41,7 @@ from slatflow.features import (
     FeatureSettings,
     ViewFrame,
     decode_view,
+    lanczos_resize_rgba,
     project_to_grid,
     projection_matrices,
     rasterize_depth,
@@ -120,18 +121,20 @@ def _cv(c2w: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("image_size", [518, 224])
-def test_features_equal_trellis_recipe(tmp_path, official_tiny, tiny_loaded, image_size):
+@pytest.mark.parametrize("image_size, resize", [(518, "pil"), (224, "pil"), (518, "device")])
+def test_features_equal_trellis_recipe(tmp_path, official_tiny, tiny_loaded, image_size, resize):
     """The optimized pipeline (threads, batches of 4, chunked sampling, HF model converted from
     the official .pth) against the plain recipe (official-layout model, batch 16, stacked
     samples, numpy mean): <= 1e-4 max abs on float32 means, equal indices, and the float16
     file within 1e-4 plus its own rounding.
-    224 exercises the position-embedding interpolation (bicubic, antialiased)."""
+    224 exercises the position-embedding interpolation (bicubic, antialiased); `device` the
+    torch re-implementation of PIL's resize that the GPU path uses."""
     render_dir, voxels = write_synthetic_asset(tmp_path, SHA_A, num_views=6, resolution=96, radius=0.4)
     ref_indices, ref_mean = trellis_reference_features(
         reference_model(TINY_ARCH, official_tiny[0]), render_dir, voxels, image_size=image_size)
     out_path = tmp_path / "features" / f"{SHA_A}.npz"
-    extractor = tiny_extractor(tiny_loaded, image_size=image_size, sample_memory_mb=1)  # several voxel chunks
+    extractor = tiny_extractor(tiny_loaded, image_size=image_size, resize=resize, sample_memory_mb=1)
+    assert extractor.resize_on_device == (resize == "device")
     [outcome] = run_with_deadline(extractor, [FeatureJob(SHA_A, render_dir, voxels, out_path)])
     assert outcome.error is None
     ours = outcome.features
@@ -407,6 +410,19 @@ def test_bad_asset_fails_alone_with_a_clear_reason(tmp_path, tiny_loaded, break_
     assert re.search(reason, bad.error.reason), bad.error.reason
     assert not jobs[0].output_path.exists()
     assert good.error is None and jobs[1].output_path.exists()
+
+
+@pytest.mark.parametrize("in_size, out_size", [(512, 518), (64, 518), (700, 518), (96, 224), (518, 518)])
+def test_device_resize_is_bit_identical_to_pil(in_size, out_size):
+    """Noise with every kind of alpha (0, 255, partial) exercises clipping, premultiplication
+    and its integer inverse; 700 -> 518 the downscaling filter width."""
+    rng = np.random.default_rng(in_size)
+    images = rng.integers(0, 256, (3, in_size, in_size, 4), dtype=np.uint8)
+    images[1, ..., 3] = rng.choice([0, 1, 2, 128, 254, 255], (in_size, in_size))
+    images[2, ..., 3] = 255
+    ours = lanczos_resize_rgba(torch.from_numpy(images), out_size).numpy()
+    pil = [Image.fromarray(im, "RGBA").resize((out_size, out_size), Image.Resampling.LANCZOS) for im in images]
+    np.testing.assert_array_equal(ours, np.stack([np.asarray(im) for im in pil]))
 
 
 def test_rgb_views_are_read_as_opaque(tmp_path):
