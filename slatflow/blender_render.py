@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import struct
 import sys
 import time
 import traceback
@@ -209,8 +210,11 @@ def _check_geometry(bpy) -> None:
 def normalize_scene(bpy) -> tuple[float, list[float]]:
     """Scale and move the scene so the mesh objects' AABB has longest side 1, centred at 0.
 
-    All root objects are parented to a new empty at the origin (TRELLIS does so only for
-    several roots), so that p_norm = p * scale + offset holds for every world point p.
+    The box is TRELLIS's: the world AABB of each mesh object's local bounding-box corners,
+    which is looser than the geometry's own AABB for a rotated object, so such an asset fills
+    less than the unit cube (kept: it is how TRELLIS's data was made). All root objects are
+    parented to a new empty at the origin (TRELLIS does so only for several roots), so that
+    p_norm = p * scale + offset holds for every world point p.
 
     Returns:
         scale, offset (3 floats).
@@ -318,6 +322,22 @@ def _disable_metadata_stamps(render) -> None:
                 setattr(render, name, False)
             except (AttributeError, TypeError):
                 pass
+
+
+def drop_timing_metadata(path: str) -> None:
+    """Remove the render-time text chunks Cycles writes into every PNG (`cycles.*_time`), the
+    only bytes that differ between two renders of one asset. Chunks are copied, not re-encoded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    kept, pos = [data[:8]], 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if not (kind == b"tEXt" and data[pos + 8:end - 4].split(b"\0", 1)[0].endswith(b"_time")):
+            kept.append(data[pos:end])
+        pos = end
+    with open(path, "wb") as f:
+        f.write(b"".join(kept))
 
 
 def configure_render(bpy, settings: dict, resolution: int, threads: int) -> str:
@@ -464,6 +484,7 @@ def run_job(job: dict) -> dict:
         t = time.monotonic()
         bpy.ops.render.render(write_still=True)
         view_seconds.append(time.monotonic() - t)
+        drop_timing_metadata(bpy.context.scene.render.filepath)
         bpy.context.view_layer.update()
         frames.append({"file_path": name, "camera_angle_x": view["fov"],
                        "transform_matrix": camera_to_world(camera)})

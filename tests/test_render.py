@@ -252,9 +252,10 @@ def test_alpha_masks_agree_with_the_mesh_through_the_cameras(fmt, format_renders
     assert transforms["aabb"] == [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]]
     assert [f["file_path"] for f in transforms["frames"]] == ["000.png", "001.png", "002.png", "003.png"]
     vertices = read_ply_points(render_dir / "mesh.ply")
-    extent = vertices.max(axis=0) - vertices.min(axis=0)
-    assert extent.max() == pytest.approx(1.0, abs=1e-4), "normalized: longest side 1"
-    assert np.allclose((vertices.max(axis=0) + vertices.min(axis=0)) / 2, 0, atol=1e-4), "centred at 0"
+    # TRELLIS's box is the AABB of each object's local box corners in world space, looser than
+    # the geometry's own AABB when an object is rotated (the abc monkey): inside, not touching
+    assert np.all(np.abs(vertices) <= 0.5 + 1e-4), "normalized into [-0.5, 0.5]^3"
+    assert (vertices.max(axis=0) - vertices.min(axis=0)).max() > 0.75
     for frame in transforms["frames"]:
         assert read_alpha(render_dir / frame["file_path"]).shape == (96, 96)
     agreement = alpha_geometry_agreement(render_dir, vertices)
@@ -266,10 +267,11 @@ def test_alpha_masks_agree_with_the_mesh_through_the_cameras(fmt, format_renders
 @pytest.mark.blender
 def test_normalization_is_recorded_and_hidden_blend_objects_are_dropped(format_renders, format_assets):
     glb = json.loads((format_renders["glb"].out_dir / "transforms.json").read_text())
-    # the sample's torus: 30 units across, centred at (40, -25, 12) in glTF's Y-up frame
-    assert glb["scale"] == pytest.approx(1 / 30, rel=0.05)
+    # the sample's torus: 30 units across, built in Blender at (40, -25, 12), stored Y-up in
+    # the glb; the importer brings it back to Blender's Z-up frame
+    assert 1 / 40 < glb["scale"] < 1 / 30  # TRELLIS's box of the tilted torus is looser than 30
     centre = -np.array(glb["offset"]) / glb["scale"]
-    assert centre == pytest.approx([40, 12, -25], abs=1.0), "glTF Y-up arrives in Blender's Z-up frame"
+    assert centre == pytest.approx([40, -25, 12], abs=0.5)
     blend = json.loads((format_renders["blend"].out_dir / "transforms.json").read_text())
     assert blend["scale"] > 0.1, "the .blend's hidden 400-unit plane and 300-unit cube were kept"
 
