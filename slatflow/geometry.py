@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Literal, NamedTuple
+import os
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -506,3 +507,118 @@ def signed_volume(mesh: TriangleMesh) -> float:
     """The signed volume enclosed by a closed mesh: positive when its triangles face outward."""
     tri = mesh.vertices.astype(np.float64)[mesh.faces]  # (F, 3, 3)
     return float(np.einsum("fi,fi->f", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage functions: one asset at a time, errors as AssetError
+
+
+def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
+    """Write a binary little-endian triangle PLY (float32 x, y, z; int32 index lists), atomically."""
+    from plyfile import PlyData, PlyElement
+
+    from slatflow.io import atomic_path
+
+    vertex = np.zeros(len(mesh.vertices), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
+    vertex["x"], vertex["y"], vertex["z"] = np.asarray(mesh.vertices, dtype=np.float32).T
+    face = np.zeros(len(mesh.faces), dtype=[("vertex_indices", "<i4", (3,))])
+    face["vertex_indices"] = mesh.faces
+    ply = PlyData([PlyElement.describe(vertex, "vertex"), PlyElement.describe(face, "face")], byte_order="<")
+    with atomic_path(path) as tmp:
+        ply.write(str(tmp))
+
+
+def extract_mesh_asset(
+    sha256: str,
+    mesh_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    resolution: int = 256,
+    method: MarchingCubesMethod = "skimage",
+) -> TriangleMesh:
+    """`meshes/<sha>.ply`: the watertight mesh of one asset's `renders/<sha>/mesh.ply`.
+
+    Raises:
+        AssetError: the source mesh cannot be read, or encloses nothing at this resolution.
+    """
+    from slatflow.errors import AssetError
+    from slatflow.voxelize import read_mesh_ply
+
+    vertices, faces = read_mesh_ply(mesh_path, sha256)
+    if not np.isfinite(vertices).all():
+        raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", "meshes")
+    mesh = watertight_mesh(vertices, faces, resolution=resolution, method=method)
+    if len(mesh.faces) == 0:
+        raise AssetError(
+            sha256, f"mesh {mesh_path} encloses no volume at {resolution}^3 (flat or open everywhere?)", "meshes"
+        )
+    write_mesh_ply(out_path, mesh)
+    logger.info("asset %s: watertight mesh %d vertices, %d faces at %d^3", sha256, len(mesh.vertices),
+                len(mesh.faces), resolution)
+    return mesh
+
+
+class SDFSamples(NamedTuple):
+    """Training samples of a signed distance field.
+
+    points: float32 (N, 3), normalized frame; near-surface samples first, then uniform ones.
+    sdf: float32 (N,), signed distance to the watertight mesh, negative inside.
+    """
+
+    points: np.ndarray
+    sdf: np.ndarray
+
+
+def sample_sdf(
+    mesh: TriangleMesh,
+    num_near: int,
+    num_uniform: int,
+    near_std: Sequence[float],
+    uniform_bound: float,
+    rng: np.random.Generator,
+) -> SDFSamples:
+    """SDF samples of a closed mesh, DeepSDF-style.
+
+    Args:
+        mesh: a watertight mesh, normalized frame.
+        num_near: points on the surface (area-weighted) moved by Gaussian noise; split
+            evenly over the standard deviations of `near_std`.
+        num_uniform: points uniform in [-uniform_bound, uniform_bound]^3.
+        near_std: noise standard deviations, normalized units.
+        uniform_bound: half-edge of the uniform cube.
+        rng: the generator.
+    """
+    import trimesh
+
+    surface = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    shares = np.diff(np.linspace(0, num_near, len(near_std) + 1).round().astype(int))  # per std
+    near = []
+    for std, count in zip(near_std, shares):
+        points, _ = trimesh.sample.sample_surface(surface, int(count), seed=rng)
+        near.append(points + rng.normal(scale=std, size=points.shape))  # (count, 3)
+    uniform = rng.uniform(-uniform_bound, uniform_bound, size=(num_uniform, 3))  # (U, 3)
+    points = np.concatenate(near + [uniform]).astype(np.float32)  # (N, 3)
+    return SDFSamples(points, MeshSDF(mesh.vertices, mesh.faces)(points))
+
+
+def sample_sdf_asset(
+    sha256: str,
+    mesh_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    num_near: int = 200_000,
+    num_uniform: int = 50_000,
+    near_std: Sequence[float] = (0.0025, 0.01),
+    uniform_bound: float = 0.55,
+    seed: int = 0,
+) -> SDFSamples:
+    """`sdf/<sha>.npz` (`points`, `sdf`) from the watertight `meshes/<sha>.ply`; the
+    generator is seeded from `seed` and the sha256, so a rerun writes the same samples."""
+    from slatflow.io import save_npz_atomic
+    from slatflow.voxelize import read_mesh_ply
+
+    mesh = TriangleMesh(*read_mesh_ply(mesh_path, sha256))
+    import hashlib
+
+    rng = np.random.default_rng([seed, int(hashlib.sha256(sha256.encode()).hexdigest()[:16], 16)])
+    samples = sample_sdf(mesh, num_near, num_uniform, near_std, uniform_bound, rng)
+    save_npz_atomic(out_path, points=samples.points, sdf=samples.sdf)
+    return samples
