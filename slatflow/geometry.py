@@ -475,32 +475,37 @@ def watertight_mesh(
 def voxel_mesh(
     indices: np.ndarray,
     resolution: int = 64,
+    level_voxels: float = -0.45,
     samples_per_voxel: int = 2,
     fill_interior: bool = True,
     method: MarchingCubesMethod = "skimage",
 ) -> TriangleMesh:
-    """The surface of the union of voxel cubes (interior filled), by marching cubes on
-    `VoxelSDF`. Grid samples sit a quarter spacing off the cube faces, so no value is
-    exactly at the level.
+    """A surface rebuilt from voxels: marching cubes on `VoxelSDF` at `level_voxels` voxels.
+
+    Surface voxels straddle the surface they came from, so the union of their cubes lies up
+    to one voxel outside it. The default level, 0.45 voxel inside that union, passes near the
+    centres of the outer voxel layer (for a filled solid) and turns a one-voxel-thick sheet
+    (an open surface) into a thin closed shell around its mid-plane.
 
     Args:
         indices: int (N, 3) voxel indices in [0, resolution).
         resolution: voxels per axis.
-        samples_per_voxel: grid spacings per voxel edge.
+        level_voxels: iso-level of the voxel SDF, in voxels (negative: inside the union).
+        samples_per_voxel: grid spacings per voxel edge; the grid holds every voxel
+            centre and face, and two spacings of margin beyond the unit cube.
         fill_interior, method: as `VoxelSDF` and `marching_cubes`.
 
     Returns:
         vertices float32 (V, 3) in the normalized [-0.5, 0.5]^3 frame; faces int64 (F, 3).
     """
-    cells = resolution * samples_per_voxel
-    spacing = 1.0 / cells
-    pad = 2.5  # spacings beyond the unit cube: closes the surface, half-spacing offset
+    spacing = 1.0 / (resolution * samples_per_voxel)
+    pad = 2  # spacings of margin: the surface closes even where voxels touch the cube
     half = 0.5 + pad * spacing
-    grid_resolution = cells + int(2 * pad) + 1
-    sdf = VoxelSDF(indices, resolution, fill_interior=fill_interior)
-    return extract_geometry(
-        np.full(3, -half), np.full(3, half), grid_resolution, 0.0, sdf, inside="below", method=method
-    )
+    grid_resolution = resolution * samples_per_voxel + 2 * pad + 1
+    truncation = (abs(level_voxels) + 1) / resolution
+    sdf = VoxelSDF(indices, resolution, fill_interior=fill_interior, truncation=truncation)
+    level = level_voxels / resolution
+    return extract_geometry(np.full(3, -half), np.full(3, half), grid_resolution, level, sdf, method=method)
 
 
 def signed_volume(mesh: TriangleMesh) -> float:

@@ -198,10 +198,20 @@ def test_default_voxel_sdf_is_exact_within_one_voxel():
 
 def test_voxel_mesh_of_a_block_is_the_block():
     indices = np.argwhere(np.ones((10, 10, 10), bool)) + 20
+    mesh = geometry.voxel_mesh(indices)  # the block shrunk by 0.45 voxel
+    assert geometry.signed_volume(mesh) == pytest.approx((9.1 / 64) ** 3, rel=0.01)
+    np.testing.assert_allclose(mesh.vertices.min(axis=0), 20.45 / 64 - 0.5, atol=1e-6)
+    np.testing.assert_allclose(mesh.vertices.max(axis=0), 29.55 / 64 - 0.5, atol=1e-6)
+
+
+def test_voxel_mesh_of_a_one_voxel_sheet_is_a_thin_closed_shell():
+    import trimesh
+
+    indices = np.argwhere(np.ones((20, 20, 1), bool)) + [10, 10, 32]  # an open surface's voxels
     mesh = geometry.voxel_mesh(indices)
-    assert geometry.signed_volume(mesh) == pytest.approx((10 / 64) ** 3, rel=0.01)
-    np.testing.assert_allclose(mesh.vertices.min(axis=0), 20 / 64 - 0.5, atol=1e-6)
-    np.testing.assert_allclose(mesh.vertices.max(axis=0), 30 / 64 - 0.5, atol=1e-6)
+    assert trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).is_watertight
+    np.testing.assert_allclose(np.median(mesh.vertices[:, 2]), 32.5 / 64 - 0.5, atol=0.1 / 64)
+    assert np.ptp(mesh.vertices[:, 2]) <= 0.11 / 64
 
 
 @pytest.mark.parametrize("method", ["skimage", "pymcubes"])
