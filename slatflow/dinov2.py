@@ -268,13 +268,22 @@ def load_official_checkpoint(path: str | os.PathLike, arch: Dinov2Arch):
         raise ConfigError(f"cannot read the DINOv2 checkpoint {path}: {exc}") from exc
     if isinstance(state_dict, Mapping) and "model" in state_dict and "pos_embed" not in state_dict:
         state_dict = state_dict["model"]  # training checkpoints nest the weights
+    return model_from_official_state_dict(state_dict, arch, source=str(path))
+
+
+def model_from_official_state_dict(state_dict: Mapping[str, "torch.Tensor"], arch: Dinov2Arch, source: str = "state dict"):
+    """transformers' model holding an official state dict, loaded strictly (no random init).
+
+    Raises:
+        ConfigError: keys or shapes are not `arch`'s.
+    """
     hub_state = convert_official_state_dict(state_dict, arch)
     model = _build_model(arch, on_meta=True)
     installed = _to_installed_names(hub_state, set(model.state_dict()))
     try:
         model.load_state_dict(installed, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ConfigError(f"DINOv2 checkpoint {path} does not fit {arch}: {exc}") from exc
+        raise ConfigError(f"DINOv2 checkpoint {source} does not fit {arch}: {exc}") from exc
     return model.float().eval()
 
 

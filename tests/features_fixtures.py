@@ -5,7 +5,7 @@
   its surface voxels and (for visibility) a triangle mesh. No Blender needed.
 - Random DINOv2 weights in the official checkpoint layout.
 - The TRELLIS reference, written plainly from dataset_toolkits/extract_feature.py: a plain
-  official-layout DINOv2 (`x_prenorm`), TRELLIS's per-view loading, its float32 camera
+  official-layout DINOv2 (`forward_features` -> `x_prenorm`), TRELLIS's per-view loading, its float32 camera
   chain, and grid_sample + mean over all views on the stacked (V, N, D) samples.
 
 Only numpy, torch, PIL and slatflow are imported at module level (the GPU machine has no
@@ -103,21 +103,31 @@ def render_sphere(c2w: np.ndarray, resolution: int, radius: float, seed: int) ->
 
 def write_synthetic_asset(
     root: Path, sha256: str, num_views: int = 6, resolution: int = 64, radius: float = 0.4,
-    with_mesh: bool = False,
+    with_mesh: bool = False, workers: int = 1,
 ) -> tuple[Path, Path]:
     """Write `renders/<sha>/` (PNGs + transforms.json [+ mesh.ply]) and `voxels/<sha>.ply`.
+
+    PNGs use zlib level 1, about what Blender's default 15% compression gives.
 
     Returns:
         (render_dir, voxels_path).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     render_dir = Path(root) / "renders" / sha256
     render_dir.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for index, c2w in enumerate(view_cameras(sha256, num_views)):
-        name = f"{index:03d}.png"
-        Image.fromarray(render_sphere(c2w, resolution, radius, seed=int(sha256[:8], 16)), "RGBA").save(
-            render_dir / name, compress_level=1)
-        frames.append({"file_path": name, "camera_angle_x": FOV, "transform_matrix": c2w.tolist()})
+    c2ws = view_cameras(sha256, num_views)
+
+    def write_view(index: int) -> None:
+        image = render_sphere(c2ws[index], resolution, radius, seed=int(sha256[:8], 16))
+        Image.fromarray(image, "RGBA").save(render_dir / f"{index:03d}.png", compress_level=1)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(write_view, range(num_views)))
+    frames = [
+        {"file_path": f"{index:03d}.png", "camera_angle_x": FOV, "transform_matrix": c2w.tolist()}
+        for index, c2w in enumerate(c2ws)
+    ]
     transforms = {"aabb": [[-0.5] * 3, [0.5] * 3], "scale": 1.0, "offset": [0.0] * 3, "frames": frames}
     (render_dir / "transforms.json").write_text(json.dumps(transforms))
     if with_mesh:
@@ -208,7 +218,7 @@ class ReferenceDinov2(nn.Module):
 
     Written from facebookresearch/dinov2's DinoVisionTransformer with the `*_reg` hub
     settings (interpolate_antialias=True, interpolate_offset=0.0): load an official state
-    dict strictly and call `x_prenorm` for what TRELLIS reads.
+    dict strictly; `forward_features(x)["x_prenorm"]` is what TRELLIS reads.
     """
 
     def __init__(self, arch: Dinov2Arch):
@@ -236,15 +246,22 @@ class ReferenceDinov2(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
         return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
 
-    def x_prenorm(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + R + P, D): tokens after the last block, before the final norm."""
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The official `forward_features` (what `model(x, is_training=True)` returns)."""
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, P, D)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
         x = x + self.interpolate_pos_encoding(x.shape[1] - 1, images.shape[-1])
         x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
         for block in self.blocks:
             x = block(x)
-        return x
+        x_norm = self.norm(x)
+        registers = self.arch.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : registers + 1],
+            "x_norm_patchtokens": x_norm[:, registers + 1 :],
+            "x_prenorm": x,
+        }
 
 
 def reference_model(arch: Dinov2Arch, state_dict: dict[str, torch.Tensor]) -> ReferenceDinov2:
@@ -261,14 +278,25 @@ _NORMALIZE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _NORMALIZE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+def trellis_normalize(image: torch.Tensor) -> torch.Tensor:
+    """torchvision's Normalize with ImageNet's mean and std, as TRELLIS's loader applies it."""
+    return (image - _NORMALIZE_MEAN) / _NORMALIZE_STD
+
+
 def trellis_load_view(render_dir: Path, frame: dict, image_size: int = 518) -> dict[str, torch.Tensor]:
     """TRELLIS's `get_data` worker for one view, then the loader's Normalize."""
+    view = trellis_get_view(render_dir, frame, image_size)
+    view["image"] = trellis_normalize(view["image"])
+    return view
+
+
+def trellis_get_view(render_dir: Path, frame: dict, image_size: int = 518) -> dict[str, torch.Tensor]:
+    """TRELLIS's `get_data` worker: the premultiplied image in [0, 1] and the camera."""
     image = Image.open(Path(render_dir) / frame["file_path"])
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     image = np.array(image).astype(np.float32) / 255
     image = image[:, :, :3] * image[:, :, 3:]
     image = torch.from_numpy(image).permute(2, 0, 1).float()
-    image = (image - _NORMALIZE_MEAN) / _NORMALIZE_STD
     c2w = torch.tensor(frame["transform_matrix"])
     c2w[:3, 1:3] *= -1
     extrinsics = torch.inverse(c2w)
@@ -297,7 +325,7 @@ def trellis_batch_tokens(model: ReferenceDinov2, batch: list[dict], positions: t
     images = torch.stack([d["image"] for d in batch]).to(device)
     extrinsics = torch.stack([d["extrinsics"] for d in batch]).to(device)
     intrinsics = torch.stack([d["intrinsics"] for d in batch]).to(device)
-    tokens = model.x_prenorm(images)
+    tokens = model.forward_features(images)["x_prenorm"]
     grid = images.shape[-1] // model.arch.patch_size
     uv = trellis_project_cv(positions, extrinsics, intrinsics) * 2 - 1
     patchtokens = tokens[:, model.arch.num_register_tokens + 1 :].permute(0, 2, 1)
