@@ -28,6 +28,7 @@ rule all:
 
 include: "rules/ingest.smk"
 include: "rules/metadata.smk"
+include: "rules/render.smk"
 
 
 onerror:

@@ -106,3 +106,22 @@ def get_metadata_inputs(wildcards):
             if name in requested or os.path.exists(f):
                 files.append(f)
     return files
+
+
+# --- render
+from slatflow.render import CondSettings, RenderSettings
+
+RENDER = RenderSettings.from_config(config["render"])
+RENDER_COND = CondSettings.from_config(config["render_cond"])
+# Cycles on a GPU, or EEVEE (OpenGL): one GPU job at a time on a machine (profiles/default).
+RENDER_GPU_SLOT = int(RENDER.device != "CPU" or RENDER.engine != "CYCLES")
+
+
+def render_params():
+    """What re-renders an asset's views: the settings that change the images."""
+    return RENDER.output_settings()
+
+
+def render_cond_params():
+    """What re-renders an asset's conditioning views."""
+    return {"render": RENDER.output_settings(), "cond": RENDER_COND.output_settings()}

@@ -120,6 +120,12 @@ class RenderSettings:
     def fov(self) -> float:
         return math.radians(self.fov_degrees)
 
+    def output_settings(self) -> dict:
+        """The settings that change the images: what must re-render an asset when it changes
+        (not the device, threads, tiles, persistent data, timeout or Blender's Python)."""
+        runtime_only = {"device", "threads", "tile_size", "persistent_data", "timeout_s", "python"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime_only}
+
 
 @dataclasses.dataclass(frozen=True)
 class CondSettings:
@@ -140,6 +146,10 @@ class CondSettings:
                               "must satisfy 0 < min <= max < 180 degrees")
         if self.num_views < 1 or self.resolution < 1:
             raise ConfigError("render_cond num_views and resolution must be >= 1")
+
+    def output_settings(self) -> dict:
+        """The settings that change the images (all but the timeout)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "timeout_s"}
 
     @classmethod
     def from_config(cls, section: Mapping | None) -> "CondSettings":

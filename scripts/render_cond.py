@@ -1,0 +1,19 @@
+"""Snakemake adapter: render one asset's conditioning views and transforms.json with Blender."""
+
+from pathlib import Path
+
+from slatflow.render import CondSettings, RenderAsset, RenderSettings, raise_failures, render_cond_views
+from slatflow.workflow import run_asset_job
+
+run_asset_job(
+    snakemake,
+    "render_cond",
+    lambda: raise_failures(
+        render_cond_views(
+            [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
+            Path(snakemake.output[0]).parent.parent,
+            RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads),
+            CondSettings.from_config(snakemake.config["render_cond"]),
+        )
+    ),
+)

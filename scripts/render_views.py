@@ -1,0 +1,18 @@
+"""Snakemake adapter: render one asset's views, mesh.ply and transforms.json with Blender."""
+
+from pathlib import Path
+
+from slatflow.render import RenderAsset, RenderSettings, raise_failures, render_views
+from slatflow.workflow import run_asset_job
+
+run_asset_job(
+    snakemake,
+    "render",
+    lambda: raise_failures(
+        render_views(
+            [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
+            Path(snakemake.output.transforms).parent.parent,
+            RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads),
+        )
+    ),
+)
