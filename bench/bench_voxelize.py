@@ -8,6 +8,8 @@ grid, and the sample assets trimesh loads, normalized and clamped as the contrac
   its voxels left inside the VoxelGrid, which favours Open3D), in alternating order;
   `ratio` = slatflow / Open3D (below 1: slatflow is faster);
 - the same voxel set is checked once per mesh (the benchmark aborts if they differ);
+- file to file, one asset's whole step (`mesh.ply` -> voxel PLY): `voxelize_asset` beside
+  TRELLIS's step (Open3D reads the PLY, clamp, voxelize, list the voxels, write centres);
 - peak memory: one fresh process per (method, mesh) reports its resident memory before
   the voxelization and its peak during it (Linux VmHWM, reset just before the call); the
   increase is what the voxelization itself needed;
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slatflow.voxelize import clamp_vertices, voxelize_mesh
+from slatflow.io import write_points_ply
+from slatflow.voxelize import clamp_vertices, voxelize_asset, voxelize_mesh
 from tests.voxelize_fixtures import (
     bumpy_torus,
     huge_triangle_soup,
@@ -42,6 +46,8 @@ from tests.voxelize_fixtures import (
     open3d_mesh,
     open3d_voxels,
     sample_asset_meshes,
+    trellis_voxelize_file,
+    write_mesh_ply,
 )
 
 logger = logging.getLogger("bench_voxelize")
@@ -102,6 +108,32 @@ def time_side_by_side(name: str, resolution: int, repeats: int) -> dict:
         "open3d_s": open3d_s,
         "ratio": slatflow_s / open3d_s,
     }
+
+
+def time_file_to_file(name: str, resolution: int, repeats: int, work: Path) -> dict:
+    """Median seconds of one asset's whole step, mesh.ply -> voxels/<sha>.ply, both ways.
+
+    slatflow: `voxelize_asset`; TRELLIS: Open3D reads the PLY, clamps, voxelizes, lists the
+    voxels, and the centres are written with the same PLY writer.
+    """
+    mesh_path = write_mesh_ply(work / name.replace(":", "_") / "mesh.ply", *build_mesh(name))
+    ours_path, trellis_path = work / "slatflow.ply", work / "trellis.ply"
+
+    def trellis() -> None:
+        write_points_ply(trellis_path, trellis_voxelize_file(mesh_path, resolution))
+
+    runs = {"slatflow": lambda: voxelize_asset(mesh_path, ours_path, "bench", resolution), "trellis": trellis}
+    times: dict[str, list[float]] = {"slatflow": [], "trellis": []}
+    for repeat in range(repeats + 1):  # the first round warms the file cache, not timed
+        order = ("slatflow", "trellis") if repeat % 2 == 0 else ("trellis", "slatflow")
+        for method in order:
+            start = time.perf_counter()
+            runs[method]()
+            if repeat:
+                times[method].append(time.perf_counter() - start)
+    slatflow_s = statistics.median(times["slatflow"])
+    trellis_s = statistics.median(times["trellis"])
+    return {"file_slatflow_s": slatflow_s, "file_trellis_s": trellis_s, "file_ratio": slatflow_s / trellis_s}
 
 
 def _proc_status_kib(field: str) -> int:
@@ -180,26 +212,32 @@ def main() -> None:
         child_peak_memory(*args.child, args.resolution)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("trimesh").setLevel(logging.WARNING)
+    for noisy in ("trimesh", "slatflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     names = args.meshes
     if names is None:
         samples = sample_asset_meshes(REPO / "sample" / "assets")
         names = [*SYNTHETIC, *(f"sample:{name}" for name in samples)]
     rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench_voxelize_"))
     for name in names:
         repeats = args.repeats if not name.endswith("1M") else max(3, args.repeats // 2)
         row = time_side_by_side(name, args.resolution, repeats)
+        row.update(time_file_to_file(name, args.resolution, repeats, work))
         if not args.no_memory:
             row.update(peak_memory("slatflow", name, args.resolution))
             row.update(peak_memory("open3d", name, args.resolution))
         rows.append(row)
         logger.info(
-            "%-22s %8d tris %7d voxels  slatflow %8.4f s  open3d %8.4f s  ratio %.3f  %s",
+            "%-20s %7d tris %6d voxels | voxelize: slatflow %.4f s open3d %.4f s ratio %.3f | "
+            "file to file: slatflow %.4f s trellis %.4f s ratio %.3f%s",
             name, row["triangles"], row["voxels"], row["slatflow_s"], row["open3d_s"], row["ratio"],
-            "" if args.no_memory else "peak +MiB slatflow %.1f open3d %.1f"
+            row["file_slatflow_s"], row["file_trellis_s"], row["file_ratio"],
+            "" if args.no_memory else " | peak +MiB slatflow %.1f open3d %.1f"
             % (row["slatflow_increase_mib"], row["open3d_increase_mib"]),
         )
+    shutil.rmtree(work)
     startup = {method: process_start_seconds(method) for method in (*STARTUP_SNIPPETS, "slatflow-cold")}
     logger.info(
         "fresh process (import + one voxelization): slatflow %.2f s, open3d %.2f s "

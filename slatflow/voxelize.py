@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -458,6 +459,7 @@ def voxelize_asset(
     """
     from slatflow.io import write_points_ply
 
+    start = time.perf_counter()
     vertices, faces = read_mesh_ply(mesh_path, sha256)
     try:
         vertices, faces = _checked_mesh(vertices, faces)  # before the clamp, which hides inf
@@ -467,6 +469,10 @@ def voxelize_asset(
     if len(indices) == 0:  # cannot happen for a finite triangle after the clamp
         raise AssetError(sha256, f"mesh {mesh_path} gave no voxels", STAGE)
     write_points_ply(out_path, voxel_centres(indices, resolution))
+    logger.info(
+        "asset %s: %d triangles -> %d voxels at %d^3 in %.3f s -> %s",
+        sha256, len(faces), len(indices), resolution, time.perf_counter() - start, out_path,
+    )
     return len(indices)
 
 
@@ -499,7 +505,6 @@ def voxelize_assets(
             logger.error("%s", exc)
             results.append(VoxelizeResult(sha256, Path(out_path), 0, exc))
             continue
-        logger.info("asset %s: %d voxels at %d^3 -> %s", sha256, num_voxels, resolution, out_path)
         results.append(VoxelizeResult(sha256, Path(out_path), num_voxels))
     return results
 

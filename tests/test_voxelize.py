@@ -22,7 +22,9 @@ from voxelize_fixtures import (
     sample_asset_meshes,
     slivers,
     triangle_soup,
+    trellis_voxelize_file,
     trimesh_primitive,
+    write_mesh_ply,
 )
 
 from slatflow.errors import AssetError
@@ -163,35 +165,9 @@ def test_bad_mesh_arrays_raise(vertices, faces, resolution, match):
 # -------------------------------- assets: PLY in, PLY out --------------------------------
 
 
-def write_blender_like_ply(path: Path, vertices: np.ndarray, faces, text: bool = False) -> Path:
-    """A mesh PLY as Blender's exporter writes it: float32 xyz, normals, uv, colours, face lists."""
-    vertex = np.zeros(
-        len(vertices),
-        dtype=[(n, "<f4") for n in ("x", "y", "z", "nx", "ny", "nz", "s", "t")]
-        + [(n, "u1") for n in ("red", "green", "blue", "alpha")],
-    )
-    for axis, name in enumerate("xyz"):
-        vertex[name] = vertices[:, axis]
-    vertex["nz"] = 1.0
-    vertex["red"] = 200
-    face = np.empty(len(faces), dtype=[("vertex_indices", "O")])
-    face["vertex_indices"] = [np.asarray(f, dtype=np.uint32) for f in faces]
-    elements = [PlyElement.describe(vertex, "vertex"),
-                PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"})]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PlyData(elements, text=text, byte_order="<").write(str(path))
-    return path
-
-
 def trellis_reference_centres(mesh_path: Path, resolution: int = 64) -> np.ndarray:
     """TRELLIS's recipe with Open3D reading the same file: float64 (N, 3) centres, sorted."""
-    import open3d as o3d
-
-    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
-    vertices = np.clip(np.asarray(mesh.vertices), -0.5 + 1e-6, 0.5 - 1e-6)
-    indices = open3d_voxels(vertices, np.asarray(mesh.triangles), resolution)
-    assert ((indices >= 0) & (indices < resolution)).all()
-    return np.unique((indices + 0.5) / resolution - 0.5, axis=0)
+    return np.unique(trellis_voxelize_file(mesh_path, resolution), axis=0)
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["binary", "ascii"])
@@ -199,7 +175,7 @@ def trellis_reference_centres(mesh_path: Path, resolution: int = 64) -> np.ndarr
 def test_voxelize_asset_matches_trellis_recipe(tmp_path, text, resolution):
     vertices, faces = trimesh_primitive("capsule")
     vertices = vertices * 1.02  # a little outside the bounds: the clamp matters
-    mesh_path = write_blender_like_ply(tmp_path / "renders" / "abc" / "mesh.ply", vertices, faces, text)
+    mesh_path = write_mesh_ply(tmp_path / "renders" / "abc" / "mesh.ply", vertices, faces, text)
     out_path = tmp_path / "voxels" / "abc.ply"
     (result,) = voxelize_assets([mesh_path], [out_path], resolution=resolution)
     assert result.error is None and result.sha256 == "abc"
@@ -234,23 +210,23 @@ def write_bad_meshes(folder: Path) -> dict[str, tuple[Path, str]]:
     add("missing", "does not exist")
     add("empty-file", "cannot read").write_bytes(b"")
     add("garbage", "cannot read").write_bytes(b"this is not a ply file\n" * 4)
-    write_blender_like_ply(add("no-vertices", "no vertices"), np.zeros((0, 3)), [])
-    write_blender_like_ply(add("no-faces", "no faces"), triangle, [])
+    write_mesh_ply(add("no-vertices", "no vertices"), np.zeros((0, 3)), [])
+    write_mesh_ply(add("no-faces", "no faces"), triangle, [])
     vertex = np.zeros(3, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     PlyData([PlyElement.describe(vertex, "vertex")]).write(str(add("point-cloud", "no face element")))
-    write_blender_like_ply(add("nan-vertex", "not finite"), triangle * [1, np.nan, 1], [[0, 1, 2]])
-    write_blender_like_ply(add("inf-vertex", "not finite"), triangle + [0, 0, np.inf], [[0, 1, 2]])
+    write_mesh_ply(add("nan-vertex", "not finite"), triangle * [1, np.nan, 1], [[0, 1, 2]])
+    write_mesh_ply(add("inf-vertex", "not finite"), triangle + [0, 0, np.inf], [[0, 1, 2]])
     square = np.array([[0, 0, 0], [0.1, 0, 0], [0.1, 0.1, 0], [0, 0.1, 0]], dtype=np.float64)
-    write_blender_like_ply(add("quad", "non-triangular"), square, [[0, 1, 2], [0, 1, 2, 3]])
-    write_blender_like_ply(add("bad-index", "face indices"), triangle, [[0, 1, 7]])
-    truncated = write_blender_like_ply(add("truncated", "cannot read"), *bumpy_torus(2_000))
+    write_mesh_ply(add("quad", "non-triangular"), square, [[0, 1, 2], [0, 1, 2, 3]])
+    write_mesh_ply(add("bad-index", "face indices"), triangle, [[0, 1, 7]])
+    truncated = write_mesh_ply(add("truncated", "cannot read"), *bumpy_torus(2_000))
     truncated.write_bytes(truncated.read_bytes()[:-5000])
     return bad
 
 
 def test_bad_assets_fail_alone_with_clear_reasons(tmp_path):
     bad = write_bad_meshes(tmp_path / "renders")
-    good = write_blender_like_ply(tmp_path / "renders" / "good" / "mesh.ply", *trimesh_primitive("cone"))
+    good = write_mesh_ply(tmp_path / "renders" / "good" / "mesh.ply", *trimesh_primitive("cone"))
     names = [*bad, "good"]
     mesh_paths = [path for path, _ in bad.values()] + [good]
     out_paths = [tmp_path / "voxels" / f"{name}.ply" for name in names]

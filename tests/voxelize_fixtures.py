@@ -192,3 +192,57 @@ def in_grid(indices: np.ndarray, resolution: int) -> np.ndarray:
     indices = np.asarray(indices, dtype=np.int64).reshape(-1, 3)
     inside = ((indices >= 0) & (indices < resolution)).all(axis=1)  # (N,)
     return np.unique(indices[inside], axis=0)
+
+
+def write_mesh_ply(path: Path, vertices: np.ndarray, faces, text: bool = False) -> Path:
+    """A mesh PLY as Blender's exporter writes it: float32 xyz, normals, uv, colours, face lists.
+
+    Args:
+        faces: int (F, 3) triangles, or a list of index lists (polygons allowed).
+    """
+    from plyfile import PlyData, PlyElement
+
+    vertices = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
+    vertex = np.zeros(
+        len(vertices),
+        dtype=[(n, "<f4") for n in ("x", "y", "z", "nx", "ny", "nz", "s", "t")]
+        + [(n, "u1") for n in ("red", "green", "blue", "alpha")],
+    )
+    for axis, name in enumerate("xyz"):
+        vertex[name] = vertices[:, axis]
+    vertex["nz"] = 1.0
+    vertex["red"] = 200
+    triangles = isinstance(faces, np.ndarray) and faces.ndim == 2 and faces.shape[1] == 3
+    if triangles or (len(faces) and all(len(f) == 3 for f in faces)):  # fixed-length lists: fast
+        face = np.zeros(len(faces), dtype=[("vertex_indices", "<u4", (3,))])
+        face["vertex_indices"] = np.asarray(faces, dtype=np.uint32).reshape(-1, 3)
+    else:
+        face = np.empty(len(faces), dtype=[("vertex_indices", "O")])
+        face["vertex_indices"] = [np.asarray(f, dtype=np.uint32) for f in faces]
+    elements = [
+        PlyElement.describe(vertex, "vertex"),
+        PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"}),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PlyData(elements, text=text, byte_order="<").write(str(path))
+    return path
+
+
+def trellis_voxelize_file(mesh_path: Path, resolution: int = 64) -> np.ndarray:
+    """TRELLIS's voxelize step with Open3D: read, clamp, voxelize, voxel centres.
+
+    Returns:
+        float64 (N, 3) voxel centres in Open3D's order.
+    """
+    import open3d as o3d
+
+    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
+    vertices = np.clip(np.asarray(mesh.vertices), -0.5 + 1e-6, 0.5 - 1e-6)
+    mesh.vertices = o3d.utility.Vector3dVector(vertices)
+    grid = o3d.geometry.VoxelGrid.create_from_triangle_mesh_within_bounds(
+        mesh, 1 / resolution, (-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)
+    )
+    indices = np.array([voxel.grid_index for voxel in grid.get_voxels()], dtype=np.int64).reshape(-1, 3)
+    assert ((indices >= 0) & (indices < resolution)).all(), "Open3D left the grid"
+    return (indices + 0.5) / resolution - 0.5
+
