@@ -10,20 +10,7 @@ import pytest
 from slatflow import quality
 from slatflow.geometry import TriangleMesh, write_mesh_ply
 from slatflow.quality import QualitySettings, QualityThresholds
-
-
-def sphere(radius: float, subdivisions: int = 5) -> TriangleMesh:
-    import trimesh
-
-    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-    return TriangleMesh(np.asarray(mesh.vertices), np.asarray(mesh.faces))
-
-
-def cube(shift: float = 0.0, side: float = 1.0) -> TriangleMesh:
-    import trimesh
-
-    mesh = trimesh.creation.box(extents=(side,) * 3)
-    return TriangleMesh(np.asarray(mesh.vertices) + [shift, 0, 0], np.asarray(mesh.faces))
+from geometry_fixtures import cube, make_asset, sphere, write_view
 
 
 @pytest.mark.parametrize("distance", ["surface", "samples"])
@@ -60,14 +47,6 @@ def test_identical_meshes_score_perfectly_and_reproducibly():
     assert first == again
 
 
-def write_view(path, alpha: np.ndarray) -> None:
-    from PIL import Image
-
-    rgba = np.zeros((*alpha.shape, 4), np.uint8)
-    rgba[..., 3] = alpha
-    Image.fromarray(rgba, "RGBA").save(path)
-
-
 def test_render_mask_coverage(tmp_path):
     alpha = np.zeros((20, 20), np.uint8)
     alpha[:10, :] = 255  # half covered
@@ -96,25 +75,6 @@ def test_suspicious_reasons_name_the_value_and_the_limit():
     lenient = QualityThresholds(max_chamfer_mesh=0.1, min_fscore_voxels=0.1, min_nonempty_views=0.9,
                                 max_num_voxels=50000)
     assert quality.suspicious_reasons(record, lenient) == []
-
-
-def make_asset(out_dir, sha256: str, source: TriangleMesh, shifted_voxels: bool = False) -> None:
-    """OUT/renders/<sha>/{mesh.ply, 000.png}, voxels/<sha>.ply and meshes/<sha>.ply."""
-    from slatflow.geometry import extract_mesh_asset
-    from slatflow.io import write_points_ply
-    from slatflow.voxelize import voxel_centres, voxelize_mesh
-
-    render_dir = out_dir / "renders" / sha256
-    render_dir.mkdir(parents=True)
-    write_mesh_ply(render_dir / "mesh.ply", source)
-    alpha = np.zeros((16, 16), np.uint8)
-    alpha[4:12, 4:12] = 200
-    write_view(render_dir / "000.png", alpha)
-    indices = voxelize_mesh(np.asarray(source.vertices, np.float64), np.asarray(source.faces), 64)
-    if shifted_voxels:  # a broken voxelizer: everything two voxels off along x
-        indices = np.clip(indices + [2, 0, 0], 0, 63)
-    write_points_ply(out_dir / "voxels" / f"{sha256}.ply", voxel_centres(indices))
-    extract_mesh_asset(sha256, render_dir / "mesh.ply", out_dir / "meshes" / f"{sha256}.ply", resolution=64)
 
 
 def test_check_assets_writes_records_and_metadata_columns(tmp_path):
