@@ -11,7 +11,9 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import run_workflow
+import pytest
+import yaml
+from conftest import REPO, run_workflow
 from test_voxelize import trellis_reference_centres
 from voxelize_fixtures import normalize_vertices, write_mesh_ply
 
@@ -69,3 +71,21 @@ def test_voxels_target_writes_trellis_voxels_and_quarantines_a_bad_mesh(small_as
     )
     assert third.returncode == 0, third.stderr
     assert f"voxelize_mesh {len(shas) - 1}" in " ".join((third.stdout + third.stderr).split())
+
+
+@pytest.mark.blender
+@pytest.mark.slow
+def test_voxels_of_blender_meshes_equal_trellis_open3d_recipe(tmp_path):
+    """The real chain on two sample assets: Blender's mesh.ply -> voxels, as TRELLIS gets them."""
+    config = yaml.safe_load((REPO / "config" / "sample.yaml").read_text())
+    config["output_dir"] = str(tmp_path / "out")
+    config["source"] = {"type": "local", "path": str(REPO / "sample" / "assets"),
+                        "instances": ["chair.stl", "torus.glb"]}
+    result = run_workflow(config, ["voxels"], config_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    voxel_files = sorted((tmp_path / "out" / "voxels").glob("*.ply"))
+    assert len(voxel_files) == 2
+    for voxel_file in voxel_files:
+        mesh_path = tmp_path / "out" / "renders" / voxel_file.stem / "mesh.ply"
+        reference = trellis_reference_centres(mesh_path).astype(np.float32)
+        np.testing.assert_array_equal(read_ply_points(voxel_file), reference)

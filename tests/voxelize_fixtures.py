@@ -217,7 +217,7 @@ def write_mesh_ply(path: Path, vertices: np.ndarray, faces, text: bool = False) 
         face = np.zeros(len(faces), dtype=[("vertex_indices", "<u4", (3,))])
         face["vertex_indices"] = np.asarray(faces, dtype=np.uint32).reshape(-1, 3)
     else:
-        face = np.empty(len(faces), dtype=[("vertex_indices", "O")])
+        face = np.zeros(len(faces), dtype=[("vertex_indices", "O")])
         face["vertex_indices"] = [np.asarray(f, dtype=np.uint32) for f in faces]
     elements = [
         PlyElement.describe(vertex, "vertex"),
