@@ -30,6 +30,7 @@ include: "rules/ingest.smk"
 include: "rules/metadata.smk"
 include: "rules/render.smk"
 include: "rules/voxelize.smk"
+include: "rules/geometry.smk"
 
 
 onerror:

@@ -125,3 +125,14 @@ def render_params():
 def render_cond_params():
     """What re-renders an asset's conditioning views."""
     return {"render": RENDER.output_settings(), "cond": RENDER_COND.output_settings()}
+
+
+# --- geometry
+def sdf_sample_params():
+    """What re-samples an asset's SDF: every sampling setting (each changes the samples)."""
+    return {k: v for k, v in config["meshes"]["sdf"].items() if k != "enabled"}
+
+
+def quality_params():
+    """What re-checks an asset: the metric settings and thresholds (not the report's)."""
+    return {k: v for k, v in config["quality"].items() if k != "num_previews"}

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
@@ -609,8 +611,8 @@ def sample_sdf_asset(
     sha256: str,
     mesh_path: str | os.PathLike,
     out_path: str | os.PathLike,
-    num_near: int = 200_000,
-    num_uniform: int = 50_000,
+    num_near: int = 250_000,
+    num_uniform: int = 25_000,
     near_std: Sequence[float] = (0.0025, 0.01),
     uniform_bound: float = 0.55,
     seed: int = 0,
@@ -627,3 +629,115 @@ def sample_sdf_asset(
     samples = sample_sdf(mesh, num_near, num_uniform, near_std, uniform_bound, rng)
     save_npz_atomic(out_path, points=samples.points, sdf=samples.sdf)
     return samples
+
+
+VOXEL_GRID = 64  # TRELLIS's voxels/<sha>.ply grid
+
+
+def check_quality_asset(
+    sha256: str,
+    source_mesh: str | os.PathLike,
+    out_path: str | os.PathLike,
+    watertight_mesh: str | os.PathLike | None = None,
+    voxels: str | os.PathLike | None = None,
+    render_dir: str | os.PathLike | None = None,
+    settings: Any = None,
+) -> dict:
+    """Run the quality checks of one asset (slatflow.quality's metrics on this module's
+    meshes) and write its record to `out_path` (JSON, atomically).
+
+    Args:
+        sha256: the asset.
+        source_mesh: `renders/<sha>/mesh.ply`, the reference.
+        out_path: `quality/<sha>.json`.
+        watertight_mesh: `meshes/<sha>.ply`, or None to skip that check.
+        voxels: `voxels/<sha>.ply` (voxel centres), or None.
+        render_dir: `renders/<sha>/`, or None.
+        settings: a `quality.QualitySettings` (sample count, threshold, seed, flags);
+            None for the defaults.
+
+    Returns:
+        The record: `mesh` and `voxels` (SurfaceMetrics fields or None), `masks`
+        (MaskCoverage fields or None), `num_voxels`, `seconds` per check, `suspicious`
+        (list of reasons), and the `convention`.
+
+    Raises:
+        AssetError: an input cannot be read or has no surface.
+    """
+    from slatflow.errors import AssetError
+    from slatflow.io import read_ply_points, write_json_atomic
+    from slatflow.quality import QualitySettings, render_mask_coverage, suspicious_reasons, surface_metrics
+    from slatflow.voxelize import read_mesh_ply
+
+    settings = QualitySettings() if settings is None else settings
+    seconds: dict[str, float] = {}
+    record: dict = {"sha256": sha256, "mesh": None, "voxels": None, "masks": None, "num_voxels": None}
+    reference = TriangleMesh(*read_mesh_ply(source_mesh, sha256))
+
+    def compare(name: str, checked: TriangleMesh) -> dict:
+        start = time.perf_counter()
+        rng = np.random.default_rng(settings.seed)
+        try:
+            metrics = surface_metrics(checked, reference, settings.num_samples, settings.fscore_threshold, rng)
+        except ValueError as exc:
+            raise AssetError(sha256, f"{name}: {exc}", "quality") from exc
+        seconds[name] = time.perf_counter() - start
+        return metrics._asdict()
+
+    if watertight_mesh is not None:
+        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(watertight_mesh, sha256)))
+    if voxels is not None:
+        centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
+        indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
+        if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
+            raise AssetError(sha256, f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
+                             "quality")
+        record["num_voxels"] = int(len(indices))
+        start = time.perf_counter()
+        rebuilt = voxel_mesh(indices, VOXEL_GRID, samples_per_voxel=settings.voxel_samples_per_voxel)
+        seconds["voxel_mesh"] = time.perf_counter() - start
+        record["voxels"] = compare("voxels", rebuilt)
+    if render_dir is not None:
+        start = time.perf_counter()
+        record["masks"] = render_mask_coverage(render_dir)._asdict()
+        seconds["masks"] = time.perf_counter() - start
+    record["seconds"] = seconds
+    record["suspicious"] = suspicious_reasons(record, settings.thresholds)
+    record["convention"] = (
+        f"Chamfer-L1 = mean of the two directed mean distances from {settings.num_samples} area-weighted "
+        f"samples to the other surface; F-score at {settings.fscore_threshold}; unit-cube frame of mesh.ply"
+    )
+    write_json_atomic(out_path, record)
+    if record["suspicious"]:
+        logger.warning("asset %s is suspicious: %s", sha256, "; ".join(record["suspicious"]))
+    return record
+
+
+def check_quality_assets(
+    sha256s: Sequence[str],
+    out_dir: str | os.PathLike,
+    settings: Any = None,
+    with_mesh: bool = True,
+) -> list:
+    """Check many assets under OUT (inputs at their standard paths); a bad asset is logged
+    and returned as its error, never fatal. Writes `OUT/quality/<sha>.json` each."""
+    from slatflow.errors import AssetError
+
+    out_dir = Path(out_dir)
+    errors: list[AssetError | None] = []
+    for sha256 in sha256s:
+        try:
+            check_quality_asset(
+                sha256,
+                out_dir / "renders" / sha256 / "mesh.ply",
+                out_dir / "quality" / f"{sha256}.json",
+                watertight_mesh=out_dir / "meshes" / f"{sha256}.ply" if with_mesh else None,
+                voxels=out_dir / "voxels" / f"{sha256}.ply",
+                render_dir=out_dir / "renders" / sha256,
+                settings=settings,
+            )
+            errors.append(None)
+        except AssetError as exc:
+            logger.error("%s", exc)
+            errors.append(exc)
+    return errors

@@ -126,6 +126,16 @@ def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
 COLUMN_SOURCES: list[Callable[[Path, pd.Index], pd.DataFrame]] = []
 
 
+def quality_metric_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
+    """The quality stage's metrics and `suspicious` reasons, from OUT/quality/*.json."""
+    from slatflow.quality import quality_columns
+
+    return quality_columns(out_dir, index)
+
+
+COLUMN_SOURCES.append(quality_metric_columns)
+
+
 def build_metadata(out_dir: str | os.PathLike, manifest_path: str | os.PathLike, models: ModelNames) -> pd.DataFrame:
     """metadata.csv's table, indexed by sha256, from the manifest and OUT's files."""
     out_dir = Path(out_dir)

@@ -25,26 +25,24 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 
-from slatflow.errors import AssetError
-from slatflow.geometry import TriangleMesh, voxel_mesh
-from slatflow.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-STAGE = "quality"
 SURFACE_SAMPLES = 100_000  # per mesh; the floor the convention above asks for
 FSCORE_THRESHOLD = 0.01  # in the unit-cube frame
 VOXEL_RESOLUTION = 64  # TRELLIS's voxel grid
 
 # How d(point, other mesh) is measured; see the module docstring.
 DistanceTo = Literal["surface", "samples"]
+# (vertices float (V, 3), faces int (F, 3)), e.g. a geometry.Mesh; this module does
+# not import geometry, so that metadata.csv's aggregation needs no torch.
+Mesh = tuple[np.ndarray, np.ndarray]
 
 
 class SurfaceMetrics(NamedTuple):
@@ -96,23 +94,23 @@ class QualityThresholds:
         return cls(**{k: v for k, v in section.items() if k in names})
 
 
-def sample_surface(mesh: TriangleMesh, count: int, rng: np.random.Generator) -> np.ndarray:
+def sample_surface(mesh: Mesh, count: int, rng: np.random.Generator) -> np.ndarray:
     """float64 (count, 3): points drawn uniformly by area on the mesh (trimesh's sampler)."""
     import trimesh
 
-    surface = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    surface = trimesh.Trimesh(*mesh, process=False)
     if surface.area <= 0:
         raise ValueError("the mesh has zero surface area")
     points, _ = trimesh.sample.sample_surface(surface, count, seed=rng)
     return np.asarray(points, dtype=np.float64)
 
 
-def distance_to_mesh(points: np.ndarray, mesh: TriangleMesh) -> np.ndarray:
+def distance_to_mesh(points: np.ndarray, mesh: Mesh) -> np.ndarray:
     """float64 (P,): exact Euclidean distance from each point to the mesh's triangles."""
     import igl
 
-    vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float64)
-    faces = np.ascontiguousarray(mesh.faces, dtype=np.int64)
+    vertices = np.ascontiguousarray(mesh[0], dtype=np.float64)
+    faces = np.ascontiguousarray(mesh[1], dtype=np.int64)
     tree = igl.AABB()
     tree.init(vertices, faces)
     squared, _, _ = tree.squared_distance(vertices, faces, np.ascontiguousarray(points, dtype=np.float64))
@@ -120,8 +118,8 @@ def distance_to_mesh(points: np.ndarray, mesh: TriangleMesh) -> np.ndarray:
 
 
 def surface_metrics(
-    checked: TriangleMesh,
-    reference: TriangleMesh,
+    checked: Mesh,
+    reference: Mesh,
     num_samples: int = SURFACE_SAMPLES,
     threshold: float = FSCORE_THRESHOLD,
     rng: np.random.Generator | None = None,
@@ -227,112 +225,6 @@ class QualitySettings:
             voxel_samples_per_voxel=section.get("voxel_samples_per_voxel", 2),
             thresholds=QualityThresholds.from_config(section.get("thresholds", {})),
         )
-
-
-def check_asset(
-    sha256: str,
-    source_mesh: str | os.PathLike,
-    out_path: str | os.PathLike,
-    watertight_mesh: str | os.PathLike | None = None,
-    voxels: str | os.PathLike | None = None,
-    render_dir: str | os.PathLike | None = None,
-    settings: QualitySettings = QualitySettings(),
-) -> dict:
-    """Run the checks of one asset and write its record to `out_path` (JSON, atomically).
-
-    Args:
-        sha256: the asset.
-        source_mesh: `renders/<sha>/mesh.ply`, the reference.
-        out_path: `quality/<sha>.json`.
-        watertight_mesh: `meshes/<sha>.ply`, or None to skip that check.
-        voxels: `voxels/<sha>.ply` (voxel centres), or None.
-        render_dir: `renders/<sha>/`, or None.
-        settings: sample count, threshold, seed, flags.
-
-    Returns:
-        The record: `mesh` and `voxels` (SurfaceMetrics fields or None), `masks`
-        (MaskCoverage fields or None), `num_voxels`, `seconds` per check, `suspicious`
-        (list of reasons), and the `convention`.
-
-    Raises:
-        AssetError: an input cannot be read or has no surface.
-    """
-    from slatflow.io import read_ply_points
-    from slatflow.voxelize import read_mesh_ply
-
-    seconds: dict[str, float] = {}
-    record: dict = {"sha256": sha256, "mesh": None, "voxels": None, "masks": None, "num_voxels": None}
-    reference = TriangleMesh(*read_mesh_ply(source_mesh, sha256))
-
-    def compare(name: str, checked: TriangleMesh) -> dict:
-        start = time.perf_counter()
-        rng = np.random.default_rng(settings.seed)
-        try:
-            metrics = surface_metrics(checked, reference, settings.num_samples, settings.fscore_threshold, rng)
-        except ValueError as exc:
-            raise AssetError(sha256, f"{name}: {exc}", STAGE) from exc
-        seconds[name] = time.perf_counter() - start
-        return metrics._asdict()
-
-    if watertight_mesh is not None:
-        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(watertight_mesh, sha256)))
-    if voxels is not None:
-        centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
-        indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_RESOLUTION).astype(np.int64)  # (N, 3)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_RESOLUTION:
-            raise AssetError(sha256, f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
-                             STAGE)
-        record["num_voxels"] = int(len(indices))
-        start = time.perf_counter()
-        rebuilt = voxel_mesh(indices, VOXEL_RESOLUTION, samples_per_voxel=settings.voxel_samples_per_voxel)
-        seconds["voxel_mesh"] = time.perf_counter() - start
-        record["voxels"] = compare("voxels", rebuilt)
-    if render_dir is not None:
-        start = time.perf_counter()
-        record["masks"] = render_mask_coverage(render_dir)._asdict()
-        seconds["masks"] = time.perf_counter() - start
-    record["seconds"] = seconds
-    record["suspicious"] = suspicious_reasons(record, settings.thresholds)
-    record["convention"] = (
-        f"Chamfer-L1 = mean of the two directed mean distances from {settings.num_samples} area-weighted "
-        f"samples to the other surface; F-score at {settings.fscore_threshold}; unit-cube frame of mesh.ply"
-    )
-    write_json_atomic(out_path, record)
-    if record["suspicious"]:
-        logger.warning("asset %s is suspicious: %s", sha256, "; ".join(record["suspicious"]))
-    return record
-
-
-def check_assets(
-    sha256s: Sequence[str],
-    out_dir: str | os.PathLike,
-    settings: QualitySettings = QualitySettings(),
-    with_mesh: bool = True,
-) -> list[AssetError | None]:
-    """Check many assets under OUT (inputs at their standard paths); a bad asset is logged
-    and returned as its error, never fatal. Writes `OUT/quality/<sha>.json` each."""
-    out_dir = Path(out_dir)
-    errors: list[AssetError | None] = []
-    for sha256 in sha256s:
-        try:
-            check_asset(
-                sha256,
-                out_dir / "renders" / sha256 / "mesh.ply",
-                quality_path(out_dir, sha256),
-                watertight_mesh=out_dir / "meshes" / f"{sha256}.ply" if with_mesh else None,
-                voxels=out_dir / "voxels" / f"{sha256}.ply",
-                render_dir=out_dir / "renders" / sha256,
-                settings=settings,
-            )
-            errors.append(None)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            errors.append(exc)
-    return errors
-
-
-def quality_path(out_dir: str | os.PathLike, sha256: str) -> Path:
-    return Path(out_dir) / "quality" / f"{sha256}.json"
 
 
 # metadata.csv columns: (column, record section, field)

@@ -277,7 +277,7 @@ def read_benchmarks(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def build_report(
     out_dir: str | os.PathLike,
-    metadata_path: str | os.PathLike | None = None,
+    metadata: "pd.DataFrame | str | os.PathLike | None" = None,  # noqa: F821
     num_previews: int = 6,
     seed: int = 0,
 ) -> str:
@@ -285,7 +285,8 @@ def build_report(
 
     Args:
         out_dir: the output root (OUT).
-        metadata_path: metadata.csv; default OUT/metadata.csv.
+        metadata: the metadata table (indexed by sha256) or the path of a metadata.csv;
+            default OUT/metadata.csv.
         num_previews: assets drawn in the previews: suspicious ones first, then a seeded
             random sample of the others with outputs on disk.
         seed: the sample's seed.
@@ -295,8 +296,9 @@ def build_report(
     from slatflow.quarantine import load_failures
 
     out_dir = Path(out_dir)
-    metadata_path = Path(metadata_path) if metadata_path else out_dir / "metadata.csv"
-    metadata = pd.read_csv(metadata_path, dtype={"sha256": str}).set_index("sha256")
+    if not isinstance(metadata, pd.DataFrame):
+        path = Path(metadata) if metadata else out_dir / "metadata.csv"
+        metadata = pd.read_csv(path, dtype={"sha256": str}).set_index("sha256")
     failures = load_failures(out_dir)
     suspicious = metadata.get("suspicious", pd.Series("", index=metadata.index)).fillna("").astype(str)
 

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from geometry_fixtures import cube, make_asset, sphere, write_view
 
 from slatflow import quality
-from slatflow.geometry import TriangleMesh, write_mesh_ply
+from slatflow.geometry import check_quality_assets
 from slatflow.quality import QualitySettings, QualityThresholds
-from geometry_fixtures import cube, make_asset, sphere, write_view
 
 
 @pytest.mark.parametrize("distance", ["surface", "samples"])
@@ -84,7 +84,7 @@ def test_check_assets_writes_records_and_metadata_columns(tmp_path):
     make_asset(tmp_path, good, cube(side=0.6))
     make_asset(tmp_path, bad, cube(side=0.6), shifted_voxels=True)
     settings = QualitySettings(num_samples=20_000)
-    errors = quality.check_assets([good, bad, missing], tmp_path, settings)
+    errors = check_quality_assets([good, bad, missing], tmp_path, settings)
     assert errors[0] is None and errors[1] is None
     assert missing in str(errors[2]) and "does not exist" in str(errors[2])
 

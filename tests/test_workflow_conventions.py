@@ -77,6 +77,7 @@ PACKAGE_OF_IMPORT = {
     "yaml": "pyyaml",
     "skimage": "scikit-image",
     "mcubes": "pymcubes",
+    "igl": "libigl",
     "torch": "pytorch",
     "sklearn": "scikit-learn",
     "cv2": "opencv",
