@@ -7,8 +7,9 @@ Per asset, with TRELLIS's encoders (`slatflow.models`, strict-loaded official ch
   the SLat encoder's posterior mean per voxel of `features/<feat>/<sha>.npz`, same order;
 - `latents/<name>/stats.json`: `{"mean": [8], "std": [8]}` over assets (TRELLIS's `stat_latent`).
 
-Outputs of random-weight encoders carry an extra `random_weights` key (True); TRELLIS's
-loaders read only the keys they need, so the files still load unchanged.
+Every latent file carries an extra 0-d bool `random_weights`: True when the encoder, or the
+model that made its input features, had random weights. TRELLIS's loaders read only the
+keys they need by name, so the files still load unchanged.
 
 Batch-first: `encode_ss_latents` / `encode_slat_latents` take many assets, load the model
 once, read inputs ahead on a thread, pack several assets into one forward pass (windows and
@@ -30,9 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 
 import numpy as np
 
-from slatflow.errors import AssetError
+from slatflow.errors import AssetError, ConfigError
 from slatflow.io import save_npz_atomic, write_json_atomic
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
+from slatflow.models.names import DEFAULT_SPECS, RANDOM_SPEC, EncoderKind, encoder_name, random_config
+from slatflow.quarantine import record_failure
 
 if TYPE_CHECKING:
     import torch
@@ -87,11 +90,13 @@ class SparseFeatures:
     Attributes:
         indices: uint8 (N, 3) voxel indices (x, y, z) in [0, 64).
         patchtokens: float16 or float32 (N, C) features, C the encoder's in_channels.
+        random_weights: the feature file says its model had random weights.
     """
 
     sha256: str
     indices: np.ndarray
     patchtokens: np.ndarray
+    random_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,65 @@ class LatentStats:
     std: np.ndarray
     num_assets: int
     random_weights: bool
+
+
+@dataclass(frozen=True)
+class LatentSettings:
+    """The `latents:` config section.
+
+    Attributes:
+        ss_encoder, slat_encoder: checkpoint specs: a hub path
+            `<org>/<repo>/<file path>`, a local path without suffix, or "random".
+        random_ss_args, random_slat_args: with "random", constructor args replacing the
+            released architecture's (a test setting for fast runs).
+        device: "auto", "cpu" or "cuda".
+        precision: the torso dtype; "auto" is TRELLIS's numerics.
+        threads: torch CPU threads of a job (a CPU run's speed; idle beside a GPU).
+    """
+
+    ss_encoder: str = DEFAULT_SPECS["ss"]
+    slat_encoder: str = DEFAULT_SPECS["slat"]
+    random_ss_args: dict[str, Any] | None = None
+    random_slat_args: dict[str, Any] | None = None
+    device: Device = "auto"
+    precision: Precision = "auto"
+    threads: int = 4
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> "LatentSettings":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(section) - known
+        if unknown:
+            raise ConfigError(f"latents: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**{k: (v or None) if k.startswith("random_") else v for k, v in section.items()})
+
+    def spec(self, kind: EncoderKind) -> str:
+        return self.ss_encoder if kind == "ss" else self.slat_encoder
+
+    def random_args(self, kind: EncoderKind) -> dict[str, Any] | None:
+        return self.random_ss_args if kind == "ss" else self.random_slat_args
+
+    def name(self, kind: EncoderKind) -> str:
+        """The output folder name of the `kind` encoder (`<ss_enc>`, `<slat_enc>`)."""
+        return encoder_name(self.spec(kind), kind, self.random_args(kind))
+
+    def load(self, kind: EncoderKind) -> LoadedEncoder:
+        return load_encoder(self.spec(kind), kind, self.random_args(kind))
+
+    def check_feature_channels(self, channels: int, feature_model: str) -> None:
+        """Fail early when a random SLat encoder cannot read the configured features.
+
+        (A checkpoint's width is known once its json is read; each asset then fails with
+        the widths named.)
+        """
+        if self.slat_encoder != RANDOM_SPEC:
+            return
+        expected = random_config("slat", self.random_slat_args)["args"]["in_channels"]
+        if expected != channels:
+            raise ConfigError(
+                f"latents.random_slat_args.in_channels is {expected} but features.model {feature_model} "
+                f"writes {channels} channels; set latents.random_slat_args.in_channels: {channels}"
+            )
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -189,6 +253,7 @@ def read_sparse_features(
             if missing:
                 raise bad(f"missing {missing}, found {sorted(data.files)}")
             indices, tokens = data["indices"], data["patchtokens"]
+            random_weights = bool(data["random_weights"]) if "random_weights" in data.files else False
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise bad(f"unreadable feature file: {type(exc).__name__}: {exc}") from exc
 
@@ -199,7 +264,10 @@ def read_sparse_features(
     if tokens.dtype not in (np.float16, np.float32):
         raise bad(f"patchtokens have dtype {tokens.dtype}, expected float16")
     if tokens.shape != (len(indices), in_channels):
-        raise bad(f"patchtokens have shape {tokens.shape}, expected ({len(indices)}, {in_channels})")
+        raise bad(
+            f"patchtokens have shape {tokens.shape}, expected ({len(indices)}, {in_channels}): "
+            "the SLat encoder's in_channels (does the features model match the encoder?)"
+        )
     if len(indices) == 0:
         raise bad("no voxels (empty indices)")
     if indices.min() < 0 or indices.max() >= resolution:
@@ -209,7 +277,7 @@ def read_sparse_features(
         raise bad(f"{len(linear) - len(np.unique(linear))} repeated voxel indices")
     if not np.isfinite(tokens).all():
         raise bad("patchtokens contain NaN or inf")
-    return SparseFeatures(sha256, indices.astype(np.uint8), tokens)
+    return SparseFeatures(sha256, indices.astype(np.uint8), tokens, random_weights)
 
 
 # --- model placement -----------------------------------------------------------------------
@@ -352,8 +420,7 @@ def _encode_all(
                 yield job, item
 
     def write(job: LatentJob, arrays: dict[str, np.ndarray]) -> None:
-        if random_weights:
-            arrays["random_weights"] = np.bool_(True)
+        arrays["random_weights"] = np.bool_(random_weights or bool(arrays.get("random_weights", False)))
         save_npz_atomic(job.output, **arrays)
 
     with ThreadPoolExecutor(max_workers=2) as writer:
@@ -494,10 +561,41 @@ def encode_slat_latents(
         size_of=lambda item: len(item.indices),
         budget=max_voxels_per_batch or SLAT_VOXELS_PER_BATCH[dev.type],
         forward=forward,
-        pack=lambda item, mean: {"feats": mean.astype(np.float32), "coords": item.indices},
+        pack=lambda item, mean: {
+            "feats": mean.astype(np.float32),
+            "coords": item.indices,
+            "random_weights": np.bool_(item.random_weights),
+        },
         describe=lambda item: f"{len(item.indices)} voxels",
         random_weights=encoder.random_weights,
     )
+
+
+def encode_latent_files(
+    kind: EncoderKind,
+    sha256s: Sequence[str],
+    sources: Sequence[str | Path],
+    outputs: Sequence[str | Path],
+    settings: LatentSettings,
+    threads: int | None = None,
+) -> None:
+    """Encode the assets of one workflow job; raise the first failure after writing the rest.
+
+    Args:
+        kind: "ss" (sources are voxel PLYs) or "slat" (sources are feature npz files).
+        threads: torch CPU threads (the job's cores); default settings.threads.
+
+    Raises:
+        AssetError: the first asset that failed.
+    """
+    import torch
+
+    torch.set_num_threads(threads or settings.threads)
+    jobs = [LatentJob(sha, Path(src), Path(dst)) for sha, src, dst in zip(sha256s, sources, outputs, strict=True)]
+    encode = encode_ss_latents if kind == "ss" else encode_slat_latents
+    failures = encode(jobs, settings.load(kind), device=settings.device, precision=settings.precision)
+    if failures:
+        raise next(iter(failures.values()))
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -557,3 +655,19 @@ def write_latent_stats(paths: Sequence[str | Path], out_path: str | Path) -> Lat
         logger.warning("latent stats %s come from random-weight latents (random_weights: true)", out_path)
     logger.info("latent stats over %d assets -> %s", stats.num_assets, out_path)
     return stats
+
+
+def latent_stats_job(paths: Sequence[str | Path], out_path: str | Path, out_dir: str | Path, log_path: str = "") -> None:
+    """Write the statistics of one latent folder; quarantine a latent file that cannot be read.
+
+    A broken latent quarantines its asset (stage `slat_latent`), so the next run, which
+    leaves quarantined assets out, computes the statistics without it.
+
+    Raises:
+        AssetError: the broken latent.
+    """
+    try:
+        write_latent_stats(paths, out_path)
+    except AssetError as exc:
+        record_failure(out_dir, SLAT_STAGE, exc.sha256, exc.reason, log_path)
+        raise

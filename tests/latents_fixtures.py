@@ -28,21 +28,24 @@ GYROID_VOXELS_PER_PERIOD = 4.86
 def surface_voxels(num_voxels: int, resolution: int = 64, seed: int = 0) -> np.ndarray:
     """A surface-like voxel set: the `num_voxels` voxels closest to a gyroid surface.
 
-    The gyroid's period is chosen so that its surface crosses about `num_voxels` voxels:
-    the set is a one-voxel-thick shell that fills 8^3 attention windows about as densely as
-    the surface of a modelled asset, whatever its size.
+    The gyroid fills a cube of side `side` (at most the grid) with at least one period, and
+    its period is chosen so that its surface crosses about `num_voxels` voxels: the set is a
+    thin shell (about 4 of 6 face neighbours occupied, as on a modelled asset's surface) that
+    fills 8^3 attention windows with ~70 voxels, whatever its size.
 
     Returns:
         uint8 (num_voxels, 3) distinct voxel indices in [0, resolution), shuffled.
     """
     rng = np.random.default_rng(seed)
-    periods = num_voxels / (GYROID_VOXELS_PER_PERIOD * resolution**2)
-    axis = (np.arange(resolution) + 0.5) / resolution * 2 * np.pi * periods
+    side = min(resolution, int(np.ceil(np.sqrt(num_voxels / GYROID_VOXELS_PER_PERIOD))) + 1)
+    periods = max(1.0, num_voxels / (GYROID_VOXELS_PER_PERIOD * side**2))
+    axis = (np.arange(side) + 0.5) / side * 2 * np.pi * periods
     phase = rng.uniform(0, 2 * np.pi, size=3)
     x, y, z = np.meshgrid(axis + phase[0], axis + phase[1], axis + phase[2], indexing="ij")
-    field = np.abs(np.sin(x) * np.cos(y) + np.sin(y) * np.cos(z) + np.sin(z) * np.cos(x))  # (R, R, R)
+    field = np.abs(np.sin(x) * np.cos(y) + np.sin(y) * np.cos(z) + np.sin(z) * np.cos(x))  # (S, S, S)
     nearest = np.argpartition(field.reshape(-1), num_voxels - 1)[:num_voxels]  # (N,)
-    indices = np.stack(np.unravel_index(nearest, field.shape), axis=1)  # (N, 3)
+    indices = np.stack(np.unravel_index(nearest, field.shape), axis=1)  # (N, 3) in the cube
+    indices += rng.integers(0, resolution - side + 1, size=3)  # place the cube in the grid
     return indices[rng.permutation(num_voxels)].astype(np.uint8)
 
 

@@ -25,7 +25,7 @@ from slatflow import latents
 from slatflow.errors import AssetError, ConfigError
 from slatflow.io import write_points_ply
 from slatflow.latents import LatentJob
-from slatflow.models import checkpoint, load_encoder
+from slatflow.models import checkpoint, load_encoder, names
 from slatflow.models.slat_encoder import SLatEncoder, window_partition, windowed_attention
 from slatflow.models.sparse_structure import SparseStructureEncoder
 
@@ -168,7 +168,7 @@ def test_official_checkpoint_loads_strictly_from_a_local_path(tmp_path, kind):
         if kind == "ss"
         else (OFFICIAL_SLAT, expected_slat_shapes(OFFICIAL_SLAT["args"]))
     )
-    name = checkpoint.DEFAULT_NAMES[kind]
+    name = names.DEFAULT_NAMES[kind]
     tensors = write_checkpoint(tmp_path / "ckpts" / name, config, shapes)
     encoder = load_encoder(str(tmp_path / "ckpts" / name), kind)
     assert encoder.name == name and not encoder.random_weights
@@ -219,7 +219,7 @@ def test_hub_checkpoint_loads_strictly_from_the_offline_cache(tmp_path):
     tensors = write_checkpoint(tmp_path / "src" / "slat_enc_tiny", config, expected_slat_shapes(config["args"]))
     fake_hub_cache(
         tmp_path / "hub",
-        checkpoint.HUB_REPO,
+        names.HUB_REPO,
         {
             f"ckpts/slat_enc_tiny.{suffix}": (tmp_path / "src" / f"slat_enc_tiny.{suffix}").read_bytes()
             for suffix in ("json", "safetensors")
@@ -227,10 +227,10 @@ def test_hub_checkpoint_loads_strictly_from_the_offline_cache(tmp_path):
     )
     code = (
         "from slatflow.models import load_encoder\n"
-        f"e = load_encoder('{checkpoint.HUB_REPO}/ckpts/slat_enc_tiny', 'slat')\n"
+        f"e = load_encoder('{names.HUB_REPO}/ckpts/slat_enc_tiny', 'slat')\n"
         "print(e.name, e.random_weights, float(e.model.out_layer.bias.sum()))\n"
         "try:\n"
-        f"    load_encoder('{checkpoint.HUB_REPO}/ckpts/absent', 'slat')\n"
+        f"    load_encoder('{names.HUB_REPO}/ckpts/absent', 'slat')\n"
         "except Exception as exc:\n"
         "    print(type(exc).__name__, str(exc).replace(' ', '_'))\n"
     )
@@ -248,9 +248,11 @@ def test_random_spec_is_seeded_loud_and_named_apart(caplog):
     assert first.random_weights
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
     assert "RANDOM WEIGHTS" in caplog.text
-    assert checkpoint.encoder_name("random", "ss") == "ss_enc_conv3d_16l8_fp16_random"
-    assert checkpoint.encoder_name("random", "slat", TINY_SLAT_ARGS) == "slat_enc_swin8_B_64l8_fp16_random_custom"
-    assert checkpoint.encoder_name("microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16", "ss") == (
+    assert names.encoder_name("random", "ss") == "ss_enc_conv3d_16l8_fp16_random"
+    assert names.encoder_name("random", "slat", TINY_SLAT_ARGS) == "slat_enc_swin8_B_64l8_fp16_random_custom"
+    same = {"channels": [32, 128, 512], "num_res_blocks": 2}  # the schema's defaults: still the release
+    assert names.encoder_name("random", "ss", same) == "ss_enc_conv3d_16l8_fp16_random"
+    assert names.encoder_name("microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16", "ss") == (
         "ss_enc_conv3d_16l8_fp16"
     )
 
@@ -567,18 +569,21 @@ class NanForAssetOne(torch.nn.Module):
         return out
 
 
-def test_non_finite_latent_fails_only_its_asset(tmp_path):
+def test_non_finite_latent_fails_only_its_asset_and_random_inputs_are_flagged(tmp_path):
     real = load_encoder("random", "slat", random_args=TINY_SLAT_ARGS)
     encoder = checkpoint.LoadedEncoder("nan", "slat", NanForAssetOne(), real.config, False, "test")
     jobs = []
     for i in range(3):
-        write_features(tmp_path / f"{i}.npz", indices=surface_voxels(200, seed=i), patchtokens=random_patchtokens(200, 32))
+        flag = {"random_weights": np.bool_(True)} if i == 2 else {}  # features of a random model
+        write_features(tmp_path / f"{i}.npz", indices=surface_voxels(200, seed=i), patchtokens=random_patchtokens(200, 32), **flag)
         jobs.append(LatentJob(str(i), tmp_path / f"{i}.npz", tmp_path / "out" / f"{i}.npz"))
     failures = latents.encode_slat_latents(jobs, encoder, device="cpu", max_voxels_per_batch=10_000)
     assert set(failures) == {"1"} and "non-finite latent" in failures["1"].reason
     assert (tmp_path / "out" / "0.npz").exists() and (tmp_path / "out" / "2.npz").exists()
     with np.load(tmp_path / "out" / "0.npz") as data:
-        assert "random_weights" not in data.files  # real-weight outputs keep the contract's keys only
+        assert set(data.files) == {"feats", "coords", "random_weights"} and not data["random_weights"]
+    with np.load(tmp_path / "out" / "2.npz") as data:
+        assert data["random_weights"]  # inherited from the feature file
 
 
 def test_latent_stats_follow_trellis_stat_latent(tmp_path):

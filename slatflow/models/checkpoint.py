@@ -18,59 +18,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from slatflow.errors import ConfigError
 from slatflow.logs import warn_random_weights
+from slatflow.models.names import CLASS_NAMES, RANDOM_SPEC, EncoderKind, encoder_name, random_config
+
+if TYPE_CHECKING:  # torch stays unimported until a model is built (Snakefile parsing, metadata)
+    import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-EncoderKind = Literal["ss", "slat"]
-
-RANDOM_SPEC = "random"
-HUB_REPO = "microsoft/TRELLIS-image-large"
-
-# The released encoders' json configs (microsoft/TRELLIS-image-large, ckpts/<name>.json);
-# `random` builds these architectures.
-OFFICIAL_CONFIGS: dict[str, dict[str, Any]] = {
-    "ss_enc_conv3d_16l8_fp16": {
-        "name": "SparseStructureEncoder",
-        "args": {
-            "in_channels": 1,
-            "latent_channels": 8,
-            "num_res_blocks": 2,
-            "num_res_blocks_middle": 2,
-            "channels": [32, 128, 512],
-            "use_fp16": True,
-        },
-    },
-    "slat_enc_swin8_B_64l8_fp16": {
-        "name": "SLatEncoder",
-        "args": {
-            "resolution": 64,
-            "in_channels": 1024,
-            "model_channels": 768,
-            "latent_channels": 8,
-            "num_blocks": 12,
-            "num_heads": 12,
-            "mlp_ratio": 4,
-            "attn_mode": "swin",
-            "window_size": 8,
-            "use_fp16": True,
-        },
-    },
-}
-DEFAULT_NAMES: dict[EncoderKind, str] = {
-    "ss": "ss_enc_conv3d_16l8_fp16",
-    "slat": "slat_enc_swin8_B_64l8_fp16",
-}
-# Class names a checkpoint json may give, per encoder kind (Elastic* differs only in training).
-CLASS_NAMES: dict[EncoderKind, tuple[str, ...]] = {
-    "ss": ("SparseStructureEncoder",),
-    "slat": ("SLatEncoder", "ElasticSLatEncoder"),
-}
 # Seed of `random` weights: every job of a run must build the same random model.
 RANDOM_SEED = 0
 
@@ -90,22 +48,10 @@ class LoadedEncoder:
 
     name: str
     kind: EncoderKind
-    model: nn.Module
+    model: "nn.Module"
     config: dict[str, Any]
     random_weights: bool
     source: str
-
-
-def encoder_name(spec: str, kind: EncoderKind, random_args: dict[str, Any] | None = None) -> str:
-    """The output folder name of the encoder `spec` names (no file access, no torch import).
-
-    A checkpoint is named after its file (TRELLIS's `enc_pretrained.split("/")[-1]`);
-    random weights get their own name, `<official name>_random` (`_random_custom` with
-    `random_args`), so they never share a folder with real latents.
-    """
-    if spec == RANDOM_SPEC:
-        return f"{DEFAULT_NAMES[kind]}_random" + ("_custom" if random_args else "")
-    return Path(spec).name
 
 
 def resolve_checkpoint_files(spec: str) -> tuple[Path, Path]:
@@ -141,7 +87,7 @@ def resolve_checkpoint_files(spec: str) -> tuple[Path, Path]:
     return Path(config), Path(weights)
 
 
-def build_model(config: dict[str, Any], kind: EncoderKind) -> nn.Module:
+def build_model(config: dict[str, Any], kind: EncoderKind) -> "nn.Module":
     """Construct the encoder a checkpoint json describes (float32, CPU, default init)."""
     from slatflow.models.slat_encoder import SLatEncoder
     from slatflow.models.sparse_structure import SparseStructureEncoder
@@ -173,8 +119,7 @@ def load_encoder(spec: str, kind: EncoderKind, random_args: dict[str, Any] | Non
     from safetensors.torch import load_file
 
     if spec == RANDOM_SPEC:
-        official = OFFICIAL_CONFIGS[DEFAULT_NAMES[kind]]
-        config = {"name": official["name"], "args": {**official["args"], **(random_args or {})}}
+        config = random_config(kind, random_args)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = build_model(config, kind)
