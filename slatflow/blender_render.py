@@ -6,8 +6,8 @@ reproduces TRELLIS's `dataset_toolkits/blender_script/render.py` (Blender 3.0) o
 scene reset, import, normalization over the mesh objects, the three-light rig, a TRACK_TO
 camera, Cycles at the configured settings, then `mesh.ply` and `transforms.json` last.
 
-It imports only the standard library, bpy and mathutils, so it runs by path in any Python that
-has bpy, whether or not slatflow is installed there.
+It imports only the standard library and bpy (and Blender's own `gpu` module for EEVEE), so it
+runs by path in any Python that has bpy, whether or not slatflow is installed there.
 
 Exit codes (read by `slatflow.render`): 0 done; 3 the asset cannot be rendered (the reason is
 in the result file); 4 the run's settings cannot work here (a GPU that is absent); anything
@@ -387,11 +387,16 @@ def configure_render(bpy, settings: dict, resolution: int, threads: int) -> str:
 
     # EEVEE renders through OpenGL; headless it needs EGL (Mesa's llvmpipe on a CPU machine)
     scene.eevee.taa_render_samples = settings["samples"]
+    return "EEVEE (OpenGL context not created yet)"
+
+
+def eevee_device() -> str:
+    """The OpenGL renderer EEVEE used; known only once a render has created the context."""
     try:
         gpu = importlib.import_module("gpu")  # Blender's GPU module, part of bpy
         return f"EEVEE on {gpu.platform.renderer_get()} ({gpu.platform.backend_type_get()})"
-    except Exception as exc:  # noqa: BLE001 - reported, the render itself says whether GL works
-        return f"EEVEE (GPU platform unknown: {exc})"
+    except Exception as exc:  # noqa: BLE001 - only a description for the log
+        return f"EEVEE (OpenGL renderer unknown: {exc})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,16 +490,21 @@ def run_job(job: dict) -> dict:
         bpy.ops.render.render(write_still=True)
         view_seconds.append(time.monotonic() - t)
         drop_timing_metadata(bpy.context.scene.render.filepath)
+        if i == 0 and settings["engine"] != "CYCLES":
+            device = eevee_device()
+            _log(f"rendered on {device}")
         bpy.context.view_layer.update()
         frames.append({"file_path": name, "camera_angle_x": view["fov"],
                        "transform_matrix": camera_to_world(camera)})
         _log(f"view {i:03d} rendered in {view_seconds[-1]:.2f} s")
 
+    mesh_seconds = 0.0
     if job["save_mesh"]:
         _phase("export mesh")
         t = time.monotonic()
         export_mesh(bpy, os.path.join(out_dir, "mesh.ply"))
-        _log(f"mesh.ply exported in {time.monotonic() - t:.2f} s")
+        mesh_seconds = time.monotonic() - t
+        _log(f"mesh.ply exported in {mesh_seconds:.2f} s")
 
     _phase("write transforms")
     transforms = {"aabb": [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]], "scale": scale, "offset": offset}
@@ -506,7 +516,7 @@ def run_job(job: dict) -> dict:
     # last: its existence means every PNG and mesh.ply is complete
     _write_json(os.path.join(out_dir, "transforms.json"), transforms)
     return {"ok": True, "device": device, "load_seconds": load_seconds, "view_seconds": view_seconds,
-            "total_seconds": time.monotonic() - started}
+            "mesh_seconds": mesh_seconds, "total_seconds": time.monotonic() - started}
 
 
 def main(argv: list[str]) -> int:

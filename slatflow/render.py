@@ -183,8 +183,9 @@ class RenderResult:
     out_dir: Path
     error: AssetError | None
     device: str = ""
-    seconds: float = 0.0
-    view_seconds: tuple[float, ...] = ()
+    seconds: float = 0.0  # the whole job, Blender's start included
+    view_seconds: tuple[float, ...] = ()  # each view's render and PNG write
+    load_seconds: float = 0.0  # Blender's start, import, normalization and setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +317,8 @@ def _render_one(
         asset.sha256, len(views), result.get("device", "?"), seconds,
         sum(views_s) / max(len(views_s), 1), result.get("load_seconds", 0.0),
     )
-    return RenderResult(asset.sha256, final_dir, None, result.get("device", "?"), seconds, tuple(views_s))
+    return RenderResult(asset.sha256, final_dir, None, result.get("device", "?"), seconds, tuple(views_s),
+                        result.get("load_seconds", 0.0))
 
 
 def _render_to(

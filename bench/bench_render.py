@@ -1,0 +1,129 @@
+"""Benchmark of the render stage: seconds per view and per asset with Cycles on this CPU.
+
+Configurations, one sample asset each, run one after another in one invocation:
+- `trellis_reference`: TRELLIS's settings exactly as its script runs them (512^2, 128 samples
+  + OIDN, persistent data off), a few views, extrapolated to 150;
+- `trellis`: the same images with slatflow's runtime choices (persistent data on: the BVH
+  and shaders are kept between views), a few views, extrapolated to 150, and its ratio to
+  the reference;
+- `no_denoise`: TRELLIS's settings without OIDN, to show the denoiser's share;
+- `sample`: config/sample.yaml's render settings (12 views of 128^2 at 16 samples), all views.
+
+Per configuration: Blender's start + import + setup (`load_s`), the first view (scene sync
+included) and the mean of the others, the mesh export and what is left (process start, moving
+files), and the extrapolated seconds per asset = load + first + (V-1) x mean + rest.
+
+The CPU is shared on a development machine: the load average is recorded at start and end;
+compare only figures from one run. Run from the repository root:
+    .venv/bin/python bench/bench_render.py --views 3 --out bench/out/render_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from render_fixtures import SAMPLE_ASSETS, sha256_of  # noqa: E402
+from slatflow.render import RenderAsset, RenderSettings, render_views  # noqa: E402
+
+logger = logging.getLogger("bench_render")
+
+TRELLIS_VIEWS = 150
+
+
+def sample_render_settings() -> dict:
+    return yaml.safe_load((REPO / "config" / "sample.yaml").read_text())["render"]
+
+
+def configurations(views: int, threads: int) -> dict[str, tuple[RenderSettings, int]]:
+    """name -> (settings, views that count for a full asset)."""
+    trellis = RenderSettings(num_views=views, threads=threads, timeout_s=7200)
+    sample = RenderSettings.from_config(sample_render_settings(), threads=threads, timeout_s=7200)
+    return {
+        "trellis_reference": (dataclasses.replace(trellis, persistent_data=False), TRELLIS_VIEWS),
+        "trellis": (trellis, TRELLIS_VIEWS),
+        "no_denoise": (dataclasses.replace(trellis, denoise=False), TRELLIS_VIEWS),
+        "sample": (sample, sample.num_views),
+    }
+
+
+def measure(asset: RenderAsset, settings: RenderSettings, full_views: int, work: Path) -> dict:
+    before = os.times()
+    started = time.monotonic()
+    [result] = render_views([asset], work, settings)
+    wall = time.monotonic() - started
+    after = os.times()
+    if result.error is not None:
+        raise result.error
+    views = list(result.view_seconds)
+    first, others = views[0], views[1:] or views
+    mean_other = statistics.mean(others)
+    rest = result.seconds - result.load_seconds - sum(views)
+    cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    per_asset = result.load_seconds + first + (full_views - 1) * mean_other + rest
+    return {
+        "device": result.device,
+        "resolution": settings.resolution,
+        "samples": settings.samples,
+        "denoise": settings.denoise,
+        "persistent_data": settings.persistent_data,
+        "views_rendered": len(views),
+        "load_s": round(result.load_seconds, 2),
+        "first_view_s": round(first, 2),
+        "mean_view_s": round(mean_other, 2),
+        "rest_s": round(rest, 2),
+        "views_per_asset": full_views,
+        "seconds_per_asset": round(per_asset, 1),
+        "extrapolated": len(views) < full_views,
+        "wall_s": round(wall, 1),
+        "child_cpu_s": round(cpu, 1),
+        # CPU time is what a shared machine cannot blur: per view, Blender's start included
+        "cpu_s_per_view": round(cpu / len(views), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--asset", type=Path, default=SAMPLE_ASSETS / "crate_obj" / "crate.obj")
+    parser.add_argument("--views", type=int, default=3, help="views rendered at TRELLIS settings")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--only", nargs="*", help="configurations to run (default all)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "render_cpu.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("slatflow.blender").setLevel(logging.WARNING)  # Blender's own lines
+
+    asset = RenderAsset(sha256_of(args.asset), args.asset)
+    figures = {"asset": str(args.asset.relative_to(REPO)) if args.asset.is_relative_to(REPO) else str(args.asset),
+               "threads": args.threads, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench_render_") as work:
+        for name, (settings, full_views) in configurations(args.views, args.threads).items():
+            if args.only and name not in args.only:
+                continue
+            figures[name] = measure(asset, settings, full_views, Path(work) / name)
+            logger.info("%s: %s", name, figures[name])
+    figures["loadavg_end"] = os.getloadavg()
+    if "trellis" in figures and "trellis_reference" in figures:
+        figures["reference_over_trellis_mean_view"] = round(
+            figures["trellis_reference"]["mean_view_s"] / figures["trellis"]["mean_view_s"], 2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
