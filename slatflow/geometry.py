@@ -251,7 +251,9 @@ class MeshSDF:
     distance, the others get +-truncation (a truncated SDF, all that marching cubes
     needs). Which points may be near is decided, without false negatives, from a cell
     mask of dense surface samples dilated by the truncation: exact distances of far
-    points are by far the slowest part of an AABB query.
+    points are by far the slowest part of an AABB query. The winding number, the other
+    cost, is then evaluated exactly only near the surface or the inside/outside boundary:
+    elsewhere it comes from a coarse grid of exact values (see `_CoarseSign`).
 
     Args:
         vertices: float (V, 3).
@@ -270,7 +272,10 @@ class MeshSDF:
         self.truncation = truncation
         self._tree = igl.AABB()
         self._tree.init(self.vertices, self.faces)
-        self._band = None if truncation is None else _NearSurfaceCells(self.vertices, self.faces, truncation)
+        self._band = self._coarse = None
+        if truncation is not None:
+            self._band = _NearSurfaceCells(self.vertices, self.faces, truncation)
+            self._coarse = _CoarseSign(self, self._band)
 
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         """float64 (P,): generalized winding number of each point (about 1 inside, 0 outside)."""
@@ -290,13 +295,16 @@ class MeshSDF:
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """float32 (P,): signed distance of `points` (float (P, 3)), negative inside."""
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
-        inside = np.abs(self.winding_number(points)) > 0.5  # (P,)
         if self._band is None:
+            inside = np.abs(self.winding_number(points)) > 0.5  # (P,)
             distance = self.unsigned_distance(points)
-        else:
-            near = self._band.contains(points)  # (P,)
-            distance = np.full(len(points), self.truncation)
-            distance[near] = np.minimum(self.unsigned_distance(points[near]), self.truncation)
+            return np.where(inside, -distance, distance).astype(np.float32)
+        inside, unsure = self._coarse.lookup(points)  # (P,), (P,)
+        unsure = np.flatnonzero(unsure)
+        inside[unsure] = np.abs(self.winding_number(points[unsure])) > 0.5
+        near = unsure[self._band.contains(points[unsure])]  # far from unsure cells is far from the surface
+        distance = np.full(len(points), self.truncation)
+        distance[near] = np.minimum(self.unsigned_distance(points[near]), self.truncation)
         return np.where(inside, -distance, distance).astype(np.float32)
 
 
@@ -312,6 +320,7 @@ class _NearSurfaceCells:
     def __init__(self, vertices: np.ndarray, faces: np.ndarray, distance: float, cell: float | None = None):
         from scipy.ndimage import binary_dilation
 
+        self.distance = float(distance)
         self.cell = float(cell if cell is not None else distance / 2)
         spacing = self.cell / 2
         samples = _lattice_surface_samples(vertices, faces, spacing)  # (S, 3)
@@ -331,6 +340,58 @@ class _NearSurfaceCells:
         near = np.zeros(len(points), dtype=bool)
         near[valid] = self.mask[idx[valid, 0], idx[valid, 1], idx[valid, 2]]
         return near
+
+
+class _CoarseSign:
+    """Inside/outside of most points from a coarse grid of exact winding numbers.
+
+    Away from the surface the winding number is harmonic, so it varies smoothly: a coarse
+    cell that holds no near-surface cell (of `_NearSurfaceCells`) and whose 8 corners are
+    on the same side of 1/2 gives that side to every point in it. The other cells are
+    "unsure" and their points get the exact winding number. For a closed mesh the winding
+    number is 0 or 1 off the surface and this is exact; for an open one the inside/outside
+    boundary across a hole is located to within a coarse cell, then exactly inside it.
+    Outside the mesh's bounding box every point is outside: a plane separates it from the
+    mesh, so |w| <= 1/2.
+    """
+
+    def __init__(self, sdf: MeshSDF, band: _NearSurfaceCells, cells_per_coarse: int = 4):
+        self.cell = band.cell * cells_per_coarse
+        margin = band.distance + self.cell
+        self.origin = sdf.vertices.min(axis=0) - margin
+        nodes = np.ceil((sdf.vertices.max(axis=0) + margin - self.origin) / self.cell).astype(int) + 1  # (3,)
+        axes = [self.origin[a] + self.cell * np.arange(nodes[a]) for a in range(3)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)  # (N0 * N1 * N2, 3)
+        node_inside = (np.abs(sdf.winding_number(grid)) > 0.5).reshape(tuple(nodes))
+        corners = [node_inside[i : nodes[0] - 1 + i, j : nodes[1] - 1 + j, k : nodes[2] - 1 + k]
+                   for i in (0, 1) for j in (0, 1) for k in (0, 1)]  # 8 x (C0, C1, C2)
+        agree = np.all([c == corners[0] for c in corners[1:]], axis=0)
+        # coarse cells overlapped by a near-surface cell (each overlaps at most 2 per axis)
+        near_cells = np.argwhere(band.mask)  # (M, 3)
+        touched = np.zeros(tuple(nodes - 1), dtype=bool)
+        for corner in (0, 1):
+            edge = band.origin + (near_cells + corner) * band.cell  # (M, 3) low or high corner
+            idx = np.clip(np.floor((edge - self.origin) / self.cell).astype(np.int64), 0, nodes - 2)
+            touched[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+        # low and high corners span the cells between them only if a near cell straddles
+        # two coarse cells along several axes at once: mark those mixed corners too
+        for mix in ((0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0)):
+            edge = band.origin + (near_cells + np.array(mix)) * band.cell
+            idx = np.clip(np.floor((edge - self.origin) / self.cell).astype(np.int64), 0, nodes - 2)
+            touched[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+        self.unsure = ~agree | touched  # (C0, C1, C2)
+        self.inside = corners[0]  # (C0, C1, C2), the side of a sure cell
+
+    def lookup(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """bool (P,) inside where sure, and bool (P,) unsure."""
+        idx = np.floor((points - self.origin) / self.cell).astype(np.int64)  # (P, 3)
+        valid = np.all((idx >= 0) & (idx < np.array(self.unsure.shape)), axis=1)
+        inside = np.zeros(len(points), dtype=bool)
+        unsure = np.zeros(len(points), dtype=bool)
+        cells = idx[valid]
+        inside[valid] = self.inside[cells[:, 0], cells[:, 1], cells[:, 2]]
+        unsure[valid] = self.unsure[cells[:, 0], cells[:, 1], cells[:, 2]]
+        return inside, unsure
 
 
 def _lattice_surface_samples(vertices: np.ndarray, faces: np.ndarray, spacing: float) -> np.ndarray:

@@ -146,6 +146,20 @@ def test_truncated_mesh_sdf_is_exact_inside_the_band():
     assert np.array_equal(np.sign(truncated), np.sign(exact))
 
 
+@pytest.mark.parametrize("mesh", ["open_box", "sheet_and_sphere"])
+def test_truncated_mesh_sdf_signs_match_the_exact_winding_number_on_a_grid(mesh):
+    """The coarse sign grid (exact winding numbers near the surface and the inside/outside
+    boundary only) gives every grid point the sign of its own winding number."""
+    mesh = box_mesh(drop_top=True) if mesh == "open_box" else TriangleMesh(*_two_triangle_sheet_and_sphere())
+    lo, hi = geometry.padded_unit_cube_grid(64, 2)
+    spacing = (hi[0] - lo[0]) / 63
+    sdf = MeshSDF(*mesh, truncation=2 * spacing)
+    field = geometry.extract_fields(lo, hi, 64, sdf)
+    exact_inside = geometry.extract_fields(lo, hi, 64, lambda p: np.abs(sdf.winding_number(p)) > 0.5)
+    assert exact_inside.sum() > 1000
+    np.testing.assert_array_equal(field < 0, exact_inside > 0.5)
+
+
 def _two_triangle_sheet_and_sphere():
     """A sphere plus one large triangle pair (the band must cover big triangles too)."""
     sphere = icosphere(radius=0.2, subdivisions=3)
