@@ -565,7 +565,8 @@ def voxel_mesh(
     pad = 2  # spacings of margin: the surface closes even where voxels touch the cube
     half = 0.5 + pad * spacing
     grid_resolution = resolution * samples_per_voxel + 2 * pad + 1
-    truncation = (abs(level_voxels) + 1) / resolution
+    # marching cubes reads values up to one grid spacing past the level
+    truncation = (abs(level_voxels) + 1 / samples_per_voxel) / resolution
     sdf = VoxelSDF(indices, resolution, fill_interior=fill_interior, truncation=truncation)
     level = level_voxels / resolution
     return extract_geometry(np.full(3, -half), np.full(3, half), grid_resolution, level, sdf, method=method)

@@ -25,7 +25,7 @@ from slatflow.quality import QUALITY_COLUMNS
 logger = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 192  # pixels per preview tile
-RENDER_PREVIEW_VIEWS = (0, 50, 100)  # view indices shown per asset (of TRELLIS's 150)
+RENDER_PREVIEWS = 3  # views shown per asset, spread over the view sequence
 SECTIONS = ("summary", "failures", "suspicious", "histograms", "timings", "previews", "conventions")
 # a 3/4 view from above, like most of TRELLIS's views (yaw 45 degrees, pitch 30 degrees)
 _VIEW_YAW, _VIEW_PITCH = math.radians(45), math.radians(30)
@@ -209,11 +209,10 @@ def asset_previews(out_dir: Path, sha256: str) -> str:
     from slatflow.voxelize import read_mesh_ply
 
     tiles = []
-    render_dir = out_dir / "renders" / sha256
-    for view in RENDER_PREVIEW_VIEWS:
-        path = render_dir / f"{view:03d}.png"
-        if path.is_file():
-            tiles.append(_img(render_thumbnail(path), f"render {view:03d}"))
+    views = sorted((out_dir / "renders" / sha256).glob("[0-9][0-9][0-9].png"))
+    spread = np.linspace(0, len(views) - 1, RENDER_PREVIEWS).round().astype(int) if views else []
+    for path in sorted({views[i] for i in spread}):
+        tiles.append(_img(render_thumbnail(path), f"render {path.stem}"))
     voxels = out_dir / "voxels" / f"{sha256}.ply"
     if voxels.is_file():
         centres = read_ply_points(voxels)
@@ -354,7 +353,7 @@ def build_report(
 
     convention = quality_doc.split("Surface metric convention", 1)[-1].strip() if quality_doc else ""
     body.append('<h2 id="conventions">Conventions</h2>')
-    body.append(f"<p>Surface metric convention{_e(convention)}</p>")
+    body.append(f"<p>Surface metric convention {_e(convention)}</p>")
 
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>slatflow quality report</title>'
