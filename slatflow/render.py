@@ -236,7 +236,7 @@ def cond_views(sha256: str, cond: CondSettings) -> tuple[list[View], dict]:
 # Batch API
 
 
-def asset_format(sha256: str, source: str | os.PathLike) -> str:
+def asset_format(sha256: str, source: str | os.PathLike, stage: str = STAGE) -> str:
     """The importer format of `source`, from its extension; an AssetError if slatflow cannot read it."""
     ext = Path(source).suffix.lower().lstrip(".")
     if ext not in SUPPORTED_FORMATS:
@@ -244,7 +244,7 @@ def asset_format(sha256: str, source: str | os.PathLike) -> str:
             sha256,
             f"unsupported file extension {Path(source).suffix or '(none)'!r} of {Path(source).name}; "
             f"expected one of {sorted(SUPPORTED_FORMATS)}",
-            STAGE,
+            stage,
         )
     return SUPPORTED_FORMATS[ext]
 
@@ -332,7 +332,7 @@ def _render_to(
 ) -> dict:
     sha256 = asset.sha256
     source = Path(asset.source)
-    fmt = asset_format(sha256, source)
+    fmt = asset_format(sha256, source, stage)
     if not source.is_file():
         raise AssetError(sha256, f"source file {source} does not exist", stage)
     final_dir.parent.mkdir(parents=True, exist_ok=True)

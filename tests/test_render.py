@@ -7,11 +7,15 @@ settings and check the images against the geometry through the contract's camera
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -208,6 +212,78 @@ def test_a_clean_exit_without_outputs_is_not_a_render(tmp_path):
     assert "did not write" in result.error.reason and "000.png" in result.error.reason
     with pytest.raises(AssetError):
         raise_failures([result])
+
+
+_WRITE_OUTPUTS = """
+import json, sys
+job = json.load(open(sys.argv[2]))
+import os
+os.makedirs(job["output_dir"], exist_ok=True)
+for i in range(len(job["views"])):
+    open(os.path.join(job["output_dir"], f"{i:03d}.png"), "wb").write(b"png")
+open(os.path.join(job["output_dir"], "mesh.ply"), "wb").write(b"ply")
+open(os.path.join(job["output_dir"], "transforms.json"), "w").write("{}")
+"""
+
+
+def test_a_new_render_replaces_a_stale_one_whole(tmp_path):
+    (tmp_path / "writer.py").write_text(_WRITE_OUTPUTS)
+    python = _stand_in(tmp_path, f'exec {sys.executable} {tmp_path / "writer.py"} "$@"')
+    stale = tmp_path / "renders" / SHA_A
+    stale.mkdir(parents=True)
+    for name in ("000.png", "149.png", "transforms.json"):
+        (stale / name).write_text("stale")
+    [result] = render_views([_asset(tmp_path)], tmp_path / "renders", fast_settings(python=python, num_views=2))
+    assert result.error is None
+    assert sorted(p.name for p in stale.iterdir()) == ["000.png", "001.png", "mesh.ply", "transforms.json"]
+    assert (stale / "000.png").read_bytes() == b"png"
+    assert [p.name for p in (tmp_path / "renders").iterdir()] == [SHA_A], "no staging or old folder left"
+
+
+def test_a_crash_after_writing_everything_leaves_no_render(tmp_path):
+    (tmp_path / "writer.py").write_text(_WRITE_OUTPUTS)
+    python = _stand_in(tmp_path, f'{sys.executable} {tmp_path / "writer.py"} "$@"\nkill -KILL $$')
+    [result] = render_views([_asset(tmp_path)], tmp_path / "renders", fast_settings(python=python, num_views=2))
+    assert "Blender crashed with SIGKILL" in result.error.reason
+    assert list((tmp_path / "renders").iterdir()) == []
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from slatflow.render import RenderAsset, render_views
+sys.path.insert(0, {tests!r})
+from render_fixtures import fast_settings
+render_views([RenderAsset({sha!r}, Path({source!r}))], {out!r}, fast_settings(python={python!r}, timeout_s=600))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_blender_dies_with_the_job_that_started_it(tmp_path, sig):
+    """Snakemake cancelling a job (SIGTERM), or the job being killed outright, ends Blender too."""
+    pid_file = tmp_path / "blender.pid"
+    python = _stand_in(tmp_path, f"echo $$ > {pid_file}\nexec sleep 300")
+    asset = _asset(tmp_path)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER.format(tests=str(Path(__file__).parent), sha=SHA_A, source=str(asset.source),
+                                     out=str(tmp_path / "renders"), python=python))
+    job = subprocess.Popen([sys.executable, str(driver)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        blender = int(pid_file.read_text())
+        job.send_signal(sig)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while _alive(blender) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(blender), f"Blender outlived its job killed by {sig.name}"
+    finally:
+        job.kill()
+        if pid_file.is_file() and pid_file.read_text().strip():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)  # leave nothing behind if it failed
 
 
 def test_a_python_that_cannot_start_is_a_config_error(tmp_path):
