@@ -451,8 +451,15 @@ def _encode_all(
     return failures
 
 
-def _as_encoder(encoder: LoadedEncoder | str, kind: str) -> LoadedEncoder:
-    return encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, kind)
+def _placed_encoder(
+    encoder: LoadedEncoder | str, kind: EncoderKind, device: Device | str, precision: Precision
+) -> tuple[LoadedEncoder, "torch.device", "torch.dtype", Any]:
+    """(encoder, device, torso dtype, model placed there) for an encoder or its spec."""
+    encoder = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, kind)
+    dev = resolve_device(device)
+    dtype = resolve_torso_dtype(precision, dev, encoder.config["args"].get("use_fp16", False))
+    logger.info("%s encoder %s on %s, torso %s", kind, encoder.name, dev, dtype)
+    return encoder, dev, dtype, place_encoder(encoder, dev, dtype)
 
 
 def encode_ss_latents(
@@ -477,10 +484,7 @@ def encode_ss_latents(
     """
     import torch
 
-    encoder = _as_encoder(encoder, "ss")
-    dev = resolve_device(device)
-    dtype = resolve_torso_dtype(precision, dev, encoder.config["args"].get("use_fp16", False))
-    model = place_encoder(encoder, dev, dtype)
+    encoder, dev, dtype, model = _placed_encoder(encoder, "ss", device, precision)
     resolution = VOXEL_RESOLUTION
 
     def read(job: LatentJob) -> np.ndarray:
@@ -492,7 +496,6 @@ def encode_ss_latents(
             mean = model(grids.to(dev))  # (B, 8, 16, 16, 16)
         return list(mean.float().cpu().numpy())
 
-    logger.info("ss latents: %d assets, %s on %s, torso %s", len(jobs), encoder.name, dev, dtype)
     return _encode_all(
         jobs,
         SS_STAGE,
@@ -531,11 +534,8 @@ def encode_slat_latents(
     """
     import torch
 
-    encoder = _as_encoder(encoder, "slat")
+    encoder, dev, dtype, model = _placed_encoder(encoder, "slat", device, precision)
     args = encoder.config["args"]
-    dev = resolve_device(device)
-    dtype = resolve_torso_dtype(precision, dev, args.get("use_fp16", False))
-    model = place_encoder(encoder, dev, dtype)
     resolution = args.get("resolution", VOXEL_RESOLUTION)
 
     def read(job: LatentJob) -> SparseFeatures:
@@ -553,7 +553,6 @@ def encode_slat_latents(
             )  # (N, 8)
         return np.split(mean.float().cpu().numpy(), np.cumsum(sizes)[:-1])
 
-    logger.info("slat latents: %d assets, %s on %s, torso %s", len(jobs), encoder.name, dev, dtype)
     return _encode_all(
         jobs,
         SLAT_STAGE,

@@ -380,24 +380,25 @@ def test_window_partition_matches_trellis_windows():
         assert windows == theirs
 
 
+def seeded_slat_case(seed: int, *sizes: int) -> tuple[SLatEncoder, torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """A tiny random SLat encoder and packed inputs of assets of `sizes` voxels."""
+    torch.manual_seed(seed)
+    model = SLatEncoder(**tiny_config("slat")["args"]).eval()
+    coords, assets = packed_coords(*((n, seed * 10 + i) for i, n in enumerate(sizes)))
+    feats = torch.randn(len(coords), TINY_SLAT_ARGS["in_channels"])
+    return model, coords, feats, assets
+
+
 def test_slat_encoder_matches_naive_trellis_reference():
-    config = tiny_config("slat")
-    torch.manual_seed(1)
-    model = SLatEncoder(**config["args"]).eval()
-    coords, _ = packed_coords((600, 5), (400, 6))
-    feats = torch.randn(len(coords), config["args"]["in_channels"])
+    model, coords, feats, _ = seeded_slat_case(1, 600, 400)
     ours = model(feats, coords)
     assert ours.dtype == torch.float32 and ours.shape == (len(coords), 8)
-    expected = reference_slat(model.state_dict(), config["args"], feats, coords)
+    expected = reference_slat(model.state_dict(), tiny_config("slat")["args"], feats, coords)
     assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_slat_latent_does_not_depend_on_voxel_order_or_packing():
-    config = tiny_config("slat")
-    torch.manual_seed(2)
-    model = SLatEncoder(**config["args"]).eval()
-    coords, assets = packed_coords((800, 7), (500, 8))
-    feats = torch.randn(len(coords), config["args"]["in_channels"])
+    model, coords, feats, assets = seeded_slat_case(2, 800, 500)
     base = model(feats, coords)
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(0))  # interleaves assets
     assert torch.allclose(model(feats[perm], coords[perm]), base[perm], atol=1e-6)
@@ -433,11 +434,7 @@ def test_half_torso_casts_only_torso_linears_and_convs():
 
 
 def test_bf16_torso_stays_close_to_fp32():
-    config = tiny_config("slat")
-    torch.manual_seed(4)
-    model = SLatEncoder(**config["args"]).eval()
-    coords, _ = packed_coords((500, 9))
-    feats = torch.randn(len(coords), config["args"]["in_channels"])
+    model, coords, feats, _ = seeded_slat_case(4, 500)
     full = model(feats, coords)
     model.set_torso_dtype(torch.bfloat16)
     half = model(feats, coords)
