@@ -24,7 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -323,14 +323,14 @@ class _NearSurfaceCells:
         self.distance = float(distance)
         self.cell = float(cell if cell is not None else distance / 2)
         spacing = self.cell / 2
-        samples = _lattice_surface_samples(vertices, faces, spacing)  # (S, 3)
         # |q - sample| < distance + spacing for a point q within `distance` of the surface
         radius = int(math.floor((distance + spacing) / self.cell)) + 1
         self.origin = vertices.min(axis=0) - (radius + 1) * self.cell
         shape = np.ceil((vertices.max(axis=0) + (radius + 1) * self.cell - self.origin) / self.cell).astype(int) + 1
         mask = np.zeros(tuple(shape), dtype=bool)
-        idx = np.floor((samples - self.origin) / self.cell).astype(np.int64)  # (S, 3)
-        mask[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+        for samples in _lattice_surface_samples(vertices, faces, spacing):  # (S, 3) blocks
+            idx = np.floor((samples - self.origin) / self.cell).astype(np.int64)  # (S, 3)
+            mask[idx[:, 0], idx[:, 1], idx[:, 2]] = True
         self.mask = binary_dilation(mask, structure=np.ones((3, 3, 3), bool), iterations=radius)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
@@ -394,20 +394,24 @@ class _CoarseSign:
         return inside, unsure
 
 
-def _lattice_surface_samples(vertices: np.ndarray, faces: np.ndarray, spacing: float) -> np.ndarray:
-    """float64 (S, 3): points on every triangle such that each surface point is within
-    `spacing` of one (a barycentric lattice of n steps, n from the longest edge)."""
+def _lattice_surface_samples(
+    vertices: np.ndarray, faces: np.ndarray, spacing: float, max_points: int = 2**20
+) -> Iterator[np.ndarray]:
+    """Points on every triangle such that each surface point is within `spacing` of one
+    (a barycentric lattice of n steps, n from the longest edge), as float64 (S, 3) blocks
+    of at most about `max_points` (one lattice of a huge triangle may exceed it)."""
     tri = vertices[faces]  # (F, 3, 3)
     longest = np.max(np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=-1), axis=1)  # (F,)
     steps = np.maximum(np.ceil(longest / spacing), 1).astype(np.int64)  # (F,)
-    out = []
     for n in np.unique(steps):
         i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
         keep = i + j <= n
         bary = np.stack([i[keep], j[keep], n - i[keep] - j[keep]], axis=1) / n  # (L, 3)
         group = tri[steps == n]  # (G, 3, 3)
-        out.append(np.einsum("lk,gkd->gld", bary, group).reshape(-1, 3))  # (G * L, 3)
-    return np.concatenate(out)
+        per_block = max(1, max_points // len(bary))
+        for start in range(0, len(group), per_block):
+            block = group[start : start + per_block]
+            yield np.einsum("lk,gkd->gld", bary, block).reshape(-1, 3)  # (B * L, 3)
 
 
 class VoxelSDF:
