@@ -31,6 +31,7 @@ include: "rules/metadata.smk"
 include: "rules/render.smk"
 include: "rules/voxelize.smk"
 include: "rules/geometry.smk"
+include: "rules/features.smk"
 
 
 onerror:

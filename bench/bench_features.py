@@ -26,6 +26,8 @@ GPU (the figures to report; the GPU machine lacks plyfile, carry it as a wheel):
 CPU smoke run (small sizes, minutes on 2 cores):
     .venv/bin/python bench/bench_features.py --device cpu --arch tiny --views 6 --resolution 128 \\
         --radius 0.3 --assets 2
+Visibility-aware vs all-view mean on a sample run's renders (sample settings):
+    .venv/bin/python bench/bench_features.py --device cpu --visibility-report results/sample
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from features_fixtures import (  # noqa: E402
     TINY_ARCH,
     random_official_state_dict,
@@ -172,6 +173,26 @@ def model_only(extractor: FeatureExtractor, views_u8: torch.Tensor, batch: int) 
     return timed(run, extractor.device)
 
 
+def visibility_report(root: Path, section: dict) -> None:
+    """How much the visibility-aware mean changes the features of the assets rendered under `root`."""
+    settings = FeatureSettings.from_config(section)
+    plain = FeatureExtractor(settings)
+    visible = FeatureExtractor(FeatureSettings.from_config({**section, "visibility": True}), plain.loaded)
+    shas = sorted(p.parent.name for p in (root / "renders").glob("*/transforms.json"))
+    jobs = [FeatureJob(sha, root / "renders" / sha, root / "voxels" / f"{sha}.ply") for sha in shas]
+    print(f"visibility-aware vs all-view mean, {settings.model} ({settings.weights}), {len(jobs)} assets under {root}")
+    print("sha256        voxels views  seen/view  cos min   cos median  rel L2")
+    for a, b in zip(plain.run(jobs, keep_features=True), visible.run(jobs, keep_features=True)):
+        if a.error or b.error:
+            print(f"{a.sha256[:12]}  failed: {(a.error or b.error).reason}")
+            continue
+        cos = cosine(a.features.mean, b.features.mean)
+        rel = np.linalg.norm(a.features.mean - b.features.mean) / np.linalg.norm(a.features.mean)
+        seen = b.features.views_seen.mean() / b.features.num_views
+        print(f"{a.sha256[:12]}  {len(cos):6d} {b.features.num_views:5d}  {seen:9.3f}  {cos.min():7.4f}  "
+              f"{np.median(cos):10.4f}  {rel:6.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -184,8 +205,17 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model-only")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "features")
+    parser.add_argument("--visibility-report", type=Path, metavar="OUT",
+                        help="only report how the visibility mean changes the features of the "
+                             "assets rendered and voxelized under OUT (with config/sample.yaml's settings)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.visibility_report:
+        import yaml
+
+        sample = yaml.safe_load((REPO / "config" / "sample.yaml").read_text())["features"]
+        visibility_report(args.visibility_report, {**sample, "device": args.device})
+        return
     device = torch.device(args.device)
     arch = TINY_ARCH if args.arch == "tiny" else ARCHITECTURES[args.arch]
     model_name = "dinov2_vits14_reg" if args.arch == "tiny" else args.arch  # names outputs only

@@ -127,6 +127,37 @@ def render_cond_params():
     return {"render": RENDER.output_settings(), "cond": RENDER_COND.output_settings()}
 
 
+# --- features
+import shutil
+
+from slatflow.feature_settings import FeatureSettings
+
+FEATURES = FeatureSettings.from_config(config["features"])
+# features/<name>/: the model, plus suffixes for non-TRELLIS settings (see the schema)
+FEATURE_MODEL = FEATURES.feature_name
+# One GPU job at a time on a machine when DINOv2 runs on its GPU (profiles/default).
+FEATURE_GPU_SLOT = int(
+    FEATURES.device.startswith("cuda")
+    or (FEATURES.device == "auto" and shutil.which("nvidia-smi") is not None)
+)
+
+
+def feature_params():
+    """What re-runs an asset's features: the settings that change the file's values."""
+    return FEATURES.output_settings()
+
+
+def get_feature_inputs(wildcards):
+    """The renders and voxels, and with the visibility mean the mesh it rasterizes."""
+    inputs = {
+        "transforms": out(f"renders/{wildcards.sha256}/transforms.json"),
+        "voxels": out(f"voxels/{wildcards.sha256}.ply"),
+    }
+    if FEATURES.visibility:
+        inputs["mesh"] = out(f"renders/{wildcards.sha256}/mesh.ply")
+    return inputs
+
+
 # --- geometry
 def sdf_sample_params():
     """What re-samples an asset's SDF: every sampling setting (each changes the samples)."""

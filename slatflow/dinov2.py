@@ -23,6 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from slatflow.errors import ConfigError
+from slatflow.feature_settings import (  # noqa: F401 - architectures re-exported with the model code
+    ARCHITECTURES,
+    HUB_IDS,
+    RANDOM_WEIGHTS,
+    Dinov2Arch,
+    resolve_arch,
+)
 from slatflow.logs import warn_random_weights
 
 if TYPE_CHECKING:
@@ -30,50 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS = "random"
 OFFICIAL_CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
-
-@dataclass(frozen=True)
-class Dinov2Arch:
-    """The shape of a DINOv2 ViT with registers (the official `vit_*` builders' settings).
-
-    Attributes:
-        embed_dim: token width D (the feature channels written to the npz).
-        depth: number of transformer blocks.
-        num_heads: attention heads (head width D / num_heads).
-        patch_size: pixels per patch side.
-        num_register_tokens: register tokens after the cls token.
-        pretrain_image_size: image side the position embeddings were trained at; the official
-            `pos_embed` holds (pretrain_image_size / patch_size)^2 + 1 positions.
-        mlp_ratio: MLP hidden width / D.
-    """
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int = 14
-    num_register_tokens: int = 4
-    pretrain_image_size: int = 518
-    mlp_ratio: int = 4
-
-    @property
-    def num_patch_positions(self) -> int:
-        return (self.pretrain_image_size // self.patch_size) ** 2
-
-
-# The torch.hub names TRELLIS passes as `--model`, which are also slatflow's feature names.
-ARCHITECTURES: dict[str, Dinov2Arch] = {
-    "dinov2_vits14_reg": Dinov2Arch(embed_dim=384, depth=12, num_heads=6),
-    "dinov2_vitb14_reg": Dinov2Arch(embed_dim=768, depth=12, num_heads=12),
-    "dinov2_vitl14_reg": Dinov2Arch(embed_dim=1024, depth=24, num_heads=16),
-}
-
-HUB_IDS: dict[str, str] = {
-    "dinov2_vits14_reg": "facebook/dinov2-with-registers-small",
-    "dinov2_vitb14_reg": "facebook/dinov2-with-registers-base",
-    "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
-}
 
 # Official block keys -> the HF hub checkpoints' names (the layout of the published
 # `model.safetensors`); the fused `attn.qkv` is split separately.
@@ -124,21 +89,6 @@ class LoadedDinov2:
     random_weights: bool
 
 
-def resolve_arch(model_name: str) -> Dinov2Arch:
-    """The architecture of a feature model name (`dinov2_vitl14_reg`, ...).
-
-    Raises:
-        ConfigError: the name is not one of ARCHITECTURES.
-    """
-    try:
-        return ARCHITECTURES[model_name]
-    except KeyError:
-        raise ConfigError(
-            f"features.model {model_name!r} is not a known DINOv2-with-registers model; "
-            f"expected one of {sorted(ARCHITECTURES)}"
-        ) from None
-
-
 def hf_config(arch: Dinov2Arch):
     """The transformers config of `arch` (what the hub's config.json holds for it)."""
     from transformers import Dinov2WithRegistersConfig
@@ -173,12 +123,26 @@ def _build_model(arch: Dinov2Arch, on_meta: bool):
 
 
 def random_dinov2(arch: Dinov2Arch, seed: int = 0):
-    """A randomly initialised model of `arch` (transformers' init), reproducible from `seed`."""
+    """A randomly initialised model of `arch`, reproducible from `seed`.
+
+    The distributions are transformers' (weights and position/cls embeddings N(0, 0.02),
+    biases, mask and register tokens 0, norms 1/0, layer scales 1), drawn with plain
+    `normal_` instead of its truncated normal: the same in effect, and seconds faster per job
+    on a small CPU (transformers' init of ViT-L takes ~20 s there).
+    """
     import torch
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build_model(arch, on_meta=False).eval()
+    model = _build_model(arch, on_meta=True).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lambda1") or (name.endswith("weight") and parameter.ndim == 1):
+                parameter.fill_(1.0)  # layer scales and LayerNorm weights
+            elif name.endswith(("bias", "mask_token", "register_tokens")):
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
 
 
 def convert_official_state_dict(

@@ -30,14 +30,21 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from slatflow import cameras
-from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens, resolve_arch
+from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens
+from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
+    PROVENANCE_FILE,
+    TRELLIS_IMAGE_SIZE,
+    FeatureSettings,
+    read_random_weights_flags,
+    resolve_arch,
+)
 from slatflow.errors import AssetError, ConfigError
-from slatflow.io import save_npz_atomic
+from slatflow.io import save_npz_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +52,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = "features"
-TRELLIS_IMAGE_SIZE = 518  # 37 x 37 patches of 14 pixels, the size DINOv2 was trained at
 GRID_RESOLUTION = 64  # voxel grid side; voxel centres are (i + 0.5) / 64 - 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_HUB_WEIGHTS = "facebook/dinov2-with-registers-large"
 # Depth maps for the visibility test: a voxel spans about 2.8 pixels at 256^2 (FOV 40 deg,
 # radius 2), fine enough to resolve voxel-scale occluders at a quarter of a 512^2 render.
 VISIBILITY_DEPTH_RESOLUTION = 256
@@ -59,68 +64,6 @@ VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
 _VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
 _IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
 
-Device = str  # "auto", "cpu", "cuda", "cuda:1", ...
-ComputeDtype = Literal["auto", "float32", "bfloat16"]
-ResizeWhere = Literal["auto", "pil", "device"]
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """How the features stage runs (the config's `features:` section).
-
-    Attributes:
-        model: feature model name, one of `slatflow.dinov2.ARCHITECTURES`
-            (`dinov2_vitl14_reg` is TRELLIS's; `dinov2_vits14_reg` is the sample's).
-        weights: an HF hub id, a local HF folder, an official `.pth`, or `random`.
-        image_size: views are resized to this square size (a multiple of 14); 518 is
-            TRELLIS's, smaller sizes are for the sample and tests only.
-        batch_size: views per model forward.
-        device: `auto` (CUDA when there is one), `cpu`, `cuda`, `cuda:N`.
-        dtype: model compute dtype; `auto` is bf16 autocast on CUDA and float32 on the CPU.
-        visibility: average each voxel over the views that see it (not TRELLIS's recipe).
-        decode_workers: threads decoding (and, with `resize: pil`, resizing) PNGs.
-        resize: where views are resized to `image_size`: `pil` in the decode threads,
-            `device` with `lanczos_resize_rgba` (bit-identical to PIL, a quarter of the CPU
-            time per view), `auto` = device on CUDA, PIL on the CPU.
-        sample_memory_mb: bound on one `grid_sample` output (views x D x voxels x 4 bytes);
-            voxels are processed in chunks under it.
-        seed: the random initialisation's seed (weights `random` only).
-    """
-
-    model: str = "dinov2_vitl14_reg"
-    weights: str = DEFAULT_HUB_WEIGHTS
-    image_size: int = TRELLIS_IMAGE_SIZE
-    batch_size: int = 32
-    device: Device = "auto"
-    dtype: ComputeDtype = "auto"
-    visibility: bool = False
-    decode_workers: int = 8
-    resize: ResizeWhere = "auto"
-    sample_memory_mb: int = 1024
-    seed: int = 0
-
-    def __post_init__(self):
-        arch = resolve_arch(self.model)
-        if self.image_size <= 0 or self.image_size % arch.patch_size:
-            raise ConfigError(f"features.image_size {self.image_size} is not a positive multiple of {arch.patch_size}")
-        for name in ("batch_size", "decode_workers", "sample_memory_mb"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"features.dtype {self.dtype!r} is not one of auto, float32, bfloat16")
-        if self.resize not in ("auto", "pil", "device"):
-            raise ConfigError(f"features.resize {self.resize!r} is not one of auto, pil, device")
-
-    @property
-    def feature_name(self) -> str:
-        """The output folder name: the model's, plus a suffix for each non-TRELLIS setting,
-        so features made another way never overwrite (or pass for) TRELLIS's."""
-        name = self.model
-        if self.image_size != TRELLIS_IMAGE_SIZE:
-            name += f"_{self.image_size}px"
-        if self.visibility:
-            name += "_vis"
-        return name
 
 
 @dataclass(frozen=True)
@@ -736,6 +679,8 @@ class FeatureExtractor:
         import torch
 
         jobs = list(jobs)
+        for folder in sorted({job.output_path.parent for job in jobs if job.output_path is not None}):
+            write_json_atomic(folder / PROVENANCE_FILE, self.provenance())
         outcomes: list[FeatureOutcome | Future] = []
         with (
             ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as decoder,
@@ -774,6 +719,16 @@ class FeatureExtractor:
             results = [o.result() if isinstance(o, Future) else o for o in outcomes]
         return results
 
+    def provenance(self) -> dict:
+        """What the features were made with, for `features/<name>/provenance.json`."""
+        return {
+            **self.settings.output_settings(),
+            "model": self.settings.model,
+            "weights": self.loaded.source,
+            "random_weights": self.loaded.random_weights,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+        }
+
     def _finish(self, job: FeatureJob, features: AssetFeatures, started: float, keep: bool) -> FeatureOutcome:
         if job.output_path is not None:
             try:
@@ -807,5 +762,20 @@ def write_features(path: str | os.PathLike, features: AssetFeatures, visibility:
 def extract_features(
     jobs: Iterable[FeatureJob], settings: FeatureSettings, loaded: LoadedDinov2 | None = None
 ) -> list[FeatureOutcome]:
-    """Load the model once and write `features/<name>/<sha256>.npz` for each job."""
+    """Load the model once and write `features/<name>/<sha256>.npz` for each job.
+
+    Returns:
+        One outcome per job; a bad asset has its `AssetError` there, the others are written.
+    """
     return FeatureExtractor(settings, loaded).run(jobs)
+
+
+def extract_feature_files(jobs: Iterable[FeatureJob], settings: FeatureSettings) -> None:
+    """`extract_features` for a Snakemake job: every asset is tried, then the first failure raised.
+
+    Raises:
+        AssetError: an asset could not be processed.
+    """
+    failures = [outcome.error for outcome in extract_features(jobs, settings) if outcome.error is not None]
+    if failures:
+        raise failures[0]

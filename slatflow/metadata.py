@@ -43,7 +43,7 @@ class ModelNames:
     @classmethod
     def from_config(cls, config: dict) -> "ModelNames":
         """The output folder names the config's stages write under (absent stages: none)."""
-        features = config.get("features", {}).get("model")
+        features = feature_folder_name(config["features"]) if "features" in config else None
         latents = config.get("latents", {})
         ss_name, slat_name = latents.get("ss_name"), latents.get("slat_name")
         return cls(
@@ -121,9 +121,31 @@ def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
     return frame
 
 
+def feature_folder_name(section: dict) -> str:
+    """features/<name>/ of a config's `features:` section (the model plus setting suffixes)."""
+    from slatflow.feature_settings import FeatureSettings
+
+    return FeatureSettings.from_config(section).feature_name
+
+
+def feature_weight_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
+    """`feature_<name>_random_weights`: the asset's features of that folder were made with
+    random weights (from the folder's provenance.json; NA where the asset has none)."""
+    from slatflow.feature_settings import read_random_weights_flags
+
+    columns = {}
+    for name, random_weights in sorted(read_random_weights_flags(out_dir / "features").items()):
+        present = _names_with_suffix(out_dir / "features" / name, ".npz")
+        column = pd.Series(pd.NA, index=index, dtype="boolean")
+        column[index.isin(present)] = random_weights
+        columns[f"feature_{name}_random_weights"] = column
+    return pd.DataFrame(columns, index=index)
+
+
 # Extra per-asset columns, one function per stage that has them: (OUT, sha256 index) ->
 # a frame indexed like it. A stage adds its function here (e.g. quality metrics).
 COLUMN_SOURCES: list[Callable[[Path, pd.Index], pd.DataFrame]] = []
+COLUMN_SOURCES.append(feature_weight_columns)
 
 
 def quality_metric_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:

@@ -301,14 +301,22 @@ def test_random_weights_are_announced_and_recorded(tmp_path, caplog):
 def test_feature_names_and_settings_validation():
     assert FeatureSettings().feature_name == "dinov2_vitl14_reg"
     assert FeatureSettings().weights == "facebook/dinov2-with-registers-large"
-    assert FeatureSettings(model="dinov2_vits14_reg", image_size=224).feature_name == "dinov2_vits14_reg_224px"
+    small = FeatureSettings(model="dinov2_vits14_reg", weights="facebook/dinov2-with-registers-small", image_size=224)
+    assert small.feature_name == "dinov2_vits14_reg_224px"
     assert FeatureSettings(visibility=True).feature_name == "dinov2_vitl14_reg_vis"
+    assert FeatureSettings(weights="random").feature_name == "dinov2_vitl14_reg_random"
+    section = {"model": "dinov2_vits14_reg", "weights": "random", "image_size": 224, "threads": 3}
+    settings = FeatureSettings.from_config(section)
+    assert settings.decode_workers == 3 and settings.feature_name == "dinov2_vits14_reg_224px_random"
+    assert FeatureSettings.from_config(section, threads=5).decode_workers == 5
     with pytest.raises(ConfigError, match="multiple of 14"):
         FeatureSettings(image_size=500)
     with pytest.raises(ConfigError, match="not a known"):
         FeatureSettings(model="dinov2_vitl14")
     with pytest.raises(ConfigError, match="batch_size"):
         FeatureSettings(batch_size=0)
+    with pytest.raises(ConfigError, match="use facebook/dinov2-with-registers-small"):
+        FeatureSettings(model="dinov2_vits14_reg")  # the default weights are ViT-L's
 
 
 # ----------------------------------------------------------------------------------------------
