@@ -238,14 +238,12 @@ def _stage_counts(metadata, out_dir: Path, failures) -> list[tuple[str, int, int
     for failure in failures:
         failed[failure.stage] = failed.get(failure.stage, 0) + 1
     rows = []
-    flags = [c for c in metadata.columns if metadata[c].dtype == bool]
     stage_of = {"rendered": "render", "cond_rendered": "render_cond", "voxelized": "voxelize"}
-    for column in flags:
-        stage = stage_of.get(column, column.split("_")[0] if column.startswith("feature") else column)
-        if column.startswith("ss_latent"):
-            stage = "ss_latent"
-        elif column.startswith("latent_"):
-            stage = "slat_latent"
+    prefixes = {"feature_": "features", "ss_latent_": "ss_latent", "latent_": "slat_latent"}
+    for column in metadata.columns:
+        if metadata[column].dtype != bool or column.endswith("_random_weights"):
+            continue
+        stage = stage_of.get(column) or next((s for p, s in prefixes.items() if column.startswith(p)), column)
         rows.append((column, int(metadata[column].sum()), failed.pop(stage, 0)))
     for folder, suffix, stage in (("meshes", ".ply", "meshes"), ("sdf", ".npz", "sdf"), ("quality", ".json", "quality")):
         path = out_dir / folder

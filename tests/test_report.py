@@ -97,10 +97,15 @@ def test_stage_counts_include_failures(tmp_path):
     build_out_tree(tmp_path)
     from slatflow.quarantine import load_failures
 
+    record_failure(tmp_path, "features", GOOD, "out of memory")
     metadata = pd.read_csv(tmp_path / "metadata.csv", dtype={"sha256": str}).set_index("sha256")
+    metadata["feature_dinov2_vitl14_reg"] = [False, True, False]
+    metadata["feature_dinov2_vitl14_reg_random_weights"] = [False, True, False]
     rows = {stage: (done, failed) for stage, done, failed in report._stage_counts(metadata, tmp_path,
                                                                                  load_failures(tmp_path))}
     assert rows["rendered"] == (2, 1) and rows["meshes"] == (2, 0) and rows["quality"] == (2, 0)
+    assert rows["feature_dinov2_vitl14_reg"] == (1, 1)
+    assert "feature_dinov2_vitl14_reg_random_weights" not in rows
 
 
 def test_svg_histogram_counts_only_finite_values():
