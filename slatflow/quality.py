@@ -1,12 +1,13 @@
 """Per-asset quality checks: how well the stage outputs agree with the source mesh.
 
-For each asset, `quality/<sha>.json` holds
+The metrics, thresholds and record reading live here; `geometry.check_quality_asset` runs
+them on an asset's files. For each asset, `quality/<sha>.json` holds
 - surface metrics of the watertight mesh (`meshes/<sha>.ply`) and of a mesh rebuilt from the
   64^3 voxels (marching cubes on the voxel SDF), each against `renders/<sha>/mesh.ply`;
 - render-mask coverage of `renders/<sha>/*.png` (alpha only);
 - the voxel count, timings, and the reasons an asset is flagged as suspicious.
 
-Surface metric convention (the Occupancy Networks / TRELLIS-evaluation "Chamfer-L1"):
+Surface metric convention (Occupancy Networks' "Chamfer-L1", Mescheder et al. 2019):
 both meshes are sampled with N >= 100k area-weighted points (seeded), in the normalized
 [-0.5, 0.5]^3 frame of mesh.ply. For samples A of the checked mesh and B of the reference,
     Chamfer-L1 = (mean_{a in A} d(a, ref) + mean_{b in B} d(b, checked)) / 2,
@@ -31,16 +32,14 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-
 logger = logging.getLogger(__name__)
 
 SURFACE_SAMPLES = 100_000  # per mesh; the floor the convention above asks for
 FSCORE_THRESHOLD = 0.01  # in the unit-cube frame
-VOXEL_RESOLUTION = 64  # TRELLIS's voxel grid
 
 # How d(point, other mesh) is measured; see the module docstring.
 DistanceTo = Literal["surface", "samples"]
-# (vertices float (V, 3), faces int (F, 3)), e.g. a geometry.Mesh; this module does
+# (vertices float (V, 3), faces int (F, 3)), e.g. a geometry.TriangleMesh; this module does
 # not import geometry, so that metadata.csv's aggregation needs no torch.
 Mesh = tuple[np.ndarray, np.ndarray]
 
