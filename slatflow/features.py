@@ -8,9 +8,10 @@ block's output before the final LayerNorm, cls and register tokens dropped) form
 bilinearly (`grid_sample`, align_corners=False, zero padding) and averaged over ALL views;
 the mean is stored as float16 with the voxel indices.
 
-What differs from TRELLIS is how it runs: views are decoded and resized by a thread pool
-while the GPU runs the model (the next asset is decoded during the current one), the model
-runs in bf16 autocast with SDPA attention on the GPU, the per-view samples are summed on the
+What differs from TRELLIS is how it runs: views are decoded by a thread pool while the GPU
+runs the model (the next asset is decoded during the current one) and resized on the GPU
+with integer arithmetic bit-identical to PIL's, the model runs in bf16 autocast with SDPA
+attention on the GPU, the per-view samples are summed on the
 device in voxel chunks (bounded memory instead of a (V, N, D) array), outputs are
 compressed in background threads, and a bad asset is a one-line `AssetError`, never a hang
 or a silently dropped view. An optional visibility-aware mean (off by default, since TRELLIS
@@ -36,6 +37,7 @@ import numpy as np
 
 from slatflow import cameras
 from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens
+from slatflow.errors import AssetError, ConfigError
 from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
     PROVENANCE_FILE,
     TRELLIS_IMAGE_SIZE,
@@ -43,7 +45,6 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
     read_random_weights_flags,
     resolve_arch,
 )
-from slatflow.errors import AssetError, ConfigError
 from slatflow.io import save_npz_atomic, write_json_atomic
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ VISIBILITY_DEPTH_RESOLUTION = 256
 VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
 _VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
 _IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
-
 
 
 @dataclass(frozen=True)
@@ -538,15 +538,15 @@ class FeatureExtractor:
         import torch
 
         self.settings = settings
-        arch = resolve_arch(settings.model)
-        if loaded is None:
-            loaded = load_dinov2(arch, settings.weights, model_name=settings.model, seed=settings.seed)
-        self.loaded = loaded
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
         )
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"features.device {settings.device!r}: no CUDA device is available")
+        if loaded is None:
+            arch = resolve_arch(settings.model)
+            loaded = load_dinov2(arch, settings.weights, model_name=settings.model, seed=settings.seed)
+        self.loaded = loaded
         self.resize_on_device = settings.resize == "device" or (settings.resize == "auto" and self.device.type == "cuda")
         dtype = settings.dtype
         if dtype == "auto":

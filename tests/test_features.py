@@ -317,6 +317,9 @@ def test_feature_names_and_settings_validation():
         FeatureSettings(batch_size=0)
     with pytest.raises(ConfigError, match="use facebook/dinov2-with-registers-small"):
         FeatureSettings(model="dinov2_vits14_reg")  # the default weights are ViT-L's
+    if not torch.cuda.is_available():  # checked before any model is loaded
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            FeatureExtractor(FeatureSettings(device="cuda"))
 
 
 # ----------------------------------------------------------------------------------------------
