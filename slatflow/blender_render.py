@@ -351,6 +351,11 @@ def configure_render(bpy, settings: dict, resolution: int, threads: int) -> str:
     render.image_settings.color_mode = "RGBA"
     render.image_settings.color_depth = "8"
     render.film_transparent = True
+    # a .blend brings its own render settings: none of them may move pixels off the cameras
+    # that transforms.json records (a render region, non-square pixels, stereo views)
+    render.use_border = False
+    render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+    render.use_multiview = False
     render.use_persistent_data = bool(settings["persistent_data"])
     if threads > 0:
         render.threads_mode = "FIXED"

@@ -33,8 +33,16 @@ SAMPLE_FILES = {
     "usdz": "logo.usdz",
 }
 
-# the formats the sample does not cover, exported by bpy from one off-centre, rotated shape
-EXTRA_FORMATS = ("usda", "usdc", "abc", "dae")
+# the formats the sample does not cover, exported by bpy from one off-centre, rotated shape,
+# and a .blend whose own render settings would move pixels (a render region, 2:1 pixels)
+EXTRA_FILES = {
+    "usda": "shapes.usda",
+    "usdc": "shapes.usdc",
+    "abc": "shapes.abc",
+    "dae": "shapes.dae",
+    "blend_own_settings": "shapes.blend",
+}
+EXTRA_FORMATS = tuple(EXTRA_FILES)
 
 _EXPORT_SCRIPT = textwrap.dedent(
     """
@@ -49,6 +57,10 @@ _EXPORT_SCRIPT = textwrap.dedent(
     bpy.ops.wm.usd_export(filepath=f"{folder}/shapes.usdc")
     bpy.ops.wm.alembic_export(filepath=f"{folder}/shapes.abc")
     bpy.ops.wm.collada_export(filepath=f"{folder}/shapes.dae")
+    render = bpy.context.scene.render
+    render.use_border, render.border_min_x, render.border_max_x = True, 0.6, 0.9
+    render.pixel_aspect_x = 2.0
+    bpy.ops.wm.save_as_mainfile(filepath=f"{folder}/shapes.blend")
     """
 )
 
@@ -60,13 +72,13 @@ def blender_env(home: Path) -> dict:
 
 
 def make_extra_format_assets(folder: Path) -> dict[str, Path]:
-    """usda, usdc, abc and dae files of a monkey and a cone, written by bpy in a subprocess."""
+    """EXTRA_FILES: a monkey and a cone written by bpy in a subprocess."""
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-c", _EXPORT_SCRIPT, str(folder)],
         check=True, capture_output=True, timeout=300, env=blender_env(folder),
     )
-    return {fmt: folder / f"shapes.{fmt}" for fmt in EXTRA_FORMATS}
+    return {name: folder / file_name for name, file_name in EXTRA_FILES.items()}
 
 
 def fast_settings(**overrides) -> RenderSettings:
