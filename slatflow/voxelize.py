@@ -49,13 +49,14 @@ CLAMP_MARGIN = 1e-6
 GRID_MIN_BOUND = -0.5  # the normalized frame is [-0.5, 0.5]^3 (see the contract)
 MAX_RESOLUTION = 1024  # the dense grid takes resolution**3 bytes: 1 GiB here
 
-# A triangle with more candidate voxels than this is tested column by column near its
-# plane; below it, testing every candidate is cheaper than setting up the columns.
-_PLANE_PRUNE_MIN_CANDIDATES = 27
-# The plane-band pruning is used only when the triangle's normal is well conditioned:
+# The band around a triangle's plane spans at most 6 voxels along the normal's largest
+# axis (half width <= 1.5 + 1 voxels, see `_mark_surface_voxels`): only a triangle whose
+# candidates are deeper than that along this axis gains from testing the band alone.
+_PLANE_BAND_MAX_DEPTH = 6
+# The plane band is used only when the triangle's normal is well conditioned:
 # the float64 rounding of the per-box normal then moves the plane by far less than the
 # one-voxel margin of the band (bound: ~1e-15 * R**3 / |n| with R the coordinate scale).
-_PLANE_PRUNE_CONDITION = 1e-10
+_PLANE_BAND_CONDITION = 1e-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,11 +275,12 @@ def _mark_surface_voxels(
             d = 2
         nd = normal[d]
         use_band = (
-            num_candidates > _PLANE_PRUNE_MIN_CANDIDATES
-            and abs(nd) * voxel_size > _PLANE_PRUNE_CONDITION * scale * scale * scale
+            hi[d] - lo[d] > _PLANE_BAND_MAX_DEPTH
+            and abs(nd) * voxel_size > _PLANE_BAND_CONDITION * scale * scale * scale
         )
         a = (d + 1) % 3
         b = (d + 2) % 3
+        half_band = 0.0
         if use_band:
             # Voxels whose centre is within h * sum|n| / |n_d| of the plane along d can
             # touch it; one voxel more covers every rounding of the exact test.
@@ -355,7 +357,23 @@ def voxelize_mesh(
     if len(faces):
         # 1 / resolution as a Python float, exactly what TRELLIS passes to Open3D.
         _mark_surface_voxels(vertices, faces, 1 / resolution, GRID_MIN_BOUND, grid)
-    return np.argwhere(grid).astype(np.int32)  # (N, 3), sorted
+    return _grid_indices(grid)
+
+
+def _grid_indices(grid: np.ndarray) -> np.ndarray:
+    """The set voxels of a uint8 (R, R, R) grid as int32 (N, 3), in C (sorted) order.
+
+    Through flat indices, so the peak beside the grid is ~28 bytes per voxel (argwhere's
+    per-axis int64 arrays and their stack take 48).
+    """
+    resolution = grid.shape[0]
+    flat = np.flatnonzero(grid)  # (N,) int64, ascending
+    indices = np.zeros((len(flat), 3), dtype=np.int32)  # (N, 3)
+    for axis in (2, 1):
+        indices[:, axis] = flat % resolution
+        flat //= resolution
+    indices[:, 0] = flat
+    return indices
 
 
 def clamp_vertices(vertices: np.ndarray) -> np.ndarray:

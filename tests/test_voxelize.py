@@ -139,6 +139,22 @@ def test_output_is_sorted_unique_int32_and_independent_of_face_order():
     np.testing.assert_array_equal(voxelize_mesh(vertices, shuffled), voxels)
 
 
+def test_memory_is_the_grid_and_the_output_whatever_the_triangle_sizes():
+    """Triangles spanning the whole 256^3 grid allocate no candidate sets (numpy is traced)."""
+    import tracemalloc
+
+    vertices, faces = huge_triangle_soup(30, rng(30))
+    voxelize_mesh(vertices[:3], faces[:1], 256)  # load the kernel outside the trace
+    tracemalloc.start()
+    voxels = voxelize_mesh(vertices, faces, 256)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    grid_bytes = 256**3
+    output_bytes = len(voxels) * (8 + 8 + 3 * 4)  # flat int64 indices, a temporary, the int32 result
+    assert len(voxels) > 100_000
+    assert peak < grid_bytes + output_bytes + 2**20
+
+
 def test_no_faces_gives_no_voxels():
     assert voxelize_mesh(np.zeros((3, 3)), np.zeros((0, 3), dtype=np.int64)).shape == (0, 3)
 
