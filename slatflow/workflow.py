@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from slatflow.errors import AssetError
+from slatflow.errors import AssetError, ConfigError
 from slatflow.logs import configure_job_logging
 from slatflow.quarantine import clear_failure, record_failure
 
@@ -38,7 +38,11 @@ def run_asset_job(
     configure_job_logging(log_path)
     try:
         process()
-    except Exception as exc:  # noqa: BLE001 - any failure quarantines this asset only
+    except ConfigError as exc:  # wrong for every asset (e.g. a GPU that is absent): no quarantine
+        logger.error("%s: %s", stage, exc)
+        print(f"slatflow: {stage}: {exc} (log: {log_path})", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - any other failure quarantines this asset only
         reason = exc.reason if isinstance(exc, AssetError) else f"{type(exc).__name__}: {exc}"
         logger.error("%s failed for %s: %s\n%s", stage, sha256, reason, traceback.format_exc())
         record_failure(out_dir, stage, sha256, reason, log_path)

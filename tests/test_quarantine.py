@@ -57,3 +57,16 @@ def test_failure_summary_counts_by_stage(tmp_path):
     record_failure(tmp_path, "render", SHA, "timeout")
     record_failure(tmp_path, "render", "d" * 64, "corrupt")
     assert "2 asset(s) quarantined (render: 2)" in failure_summary(tmp_path)
+
+
+def test_a_config_error_stops_the_job_without_quarantining_the_asset(tmp_path):
+    from slatflow.errors import ConfigError
+
+    def process():
+        raise ConfigError("render.device 'CUDA': no CUDA device is available")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_asset_job(fake_job(tmp_path), "render", process)
+    assert exit_info.value.code == 2
+    assert quarantined_sha256s(tmp_path) == set()
+    assert "no CUDA device" in (tmp_path / "logs" / "job.log").read_text()
