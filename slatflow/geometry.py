@@ -87,9 +87,10 @@ def extract_fields(
     """Evaluate `query_fn` on a grid, one block of chunk^3 points at a time.
 
     NeuS's recipe with the per-block work trimmed: the points of a block are written into
-    one reused buffer (no meshgrid and concatenation per block), and with torch the values
-    of a whole slab of blocks stay on the device and come back in one copy. Memory beyond
-    the returned field is O(chunk^3) points plus one slab of chunk x R x R values.
+    one reused buffer (no meshgrid and concatenation per block), values go straight into
+    the field on the CPU, and on a GPU the values of a whole slab of blocks stay on the
+    device and come back in one copy. Memory beyond the returned field: O(chunk^3) points
+    and the query's temporaries, plus, on a GPU, one slab of chunk x R x R values.
 
     Args:
         bound_min, bound_max: (3,) grid corners (sequence, numpy or torch).
@@ -144,9 +145,13 @@ def _extract_fields_torch(axes: np.ndarray, query_fn: Callable, chunk: int, devi
     device = torch.device(device)
     axes_t = torch.from_numpy(axes).to(device)  # (3, R)
     buffer = torch.zeros((min(chunk, resolution) ** 3, 3), dtype=torch.float32, device=device)
-    slab = torch.zeros((min(chunk, resolution), resolution, resolution), dtype=torch.float32, device=device)
+    on_host = device.type == "cpu"
+    if not on_host:
+        slab = torch.zeros((min(chunk, resolution), resolution, resolution), dtype=torch.float32, device=device)
     with torch.no_grad():
         for i0 in _chunk_starts(resolution, chunk):
+            if on_host:  # write straight into the numpy field through a shared-memory view
+                slab = torch.from_numpy(field[i0 : i0 + chunk])
             xs = axes_t[0, i0 : i0 + chunk]
             for j0 in _chunk_starts(resolution, chunk):
                 ys = axes_t[1, j0 : j0 + chunk]
@@ -160,9 +165,8 @@ def _extract_fields_torch(axes: np.ndarray, query_fn: Callable, chunk: int, devi
                     grid[..., 2] = zs[None, None, :]
                     values = torch.as_tensor(query_fn(points), device=device, dtype=torch.float32)
                     slab[: shape[0], j0 : j0 + shape[1], k0 : k0 + shape[2]] = values.reshape(shape)
-            rows = len(xs)
-            # one device->host copy per slab, straight into the numpy field
-            torch.from_numpy(field[i0 : i0 + rows]).copy_(slab[:rows])
+            if not on_host:  # one device->host copy per slab, straight into the numpy field
+                torch.from_numpy(field[i0 : i0 + len(xs)]).copy_(slab[: len(xs)])
 
 
 def marching_cubes(
