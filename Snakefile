@@ -32,6 +32,7 @@ include: "rules/render.smk"
 include: "rules/voxelize.smk"
 include: "rules/geometry.smk"
 include: "rules/features.smk"
+include: "rules/latents.smk"
 
 
 onerror:

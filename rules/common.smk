@@ -158,6 +158,33 @@ def get_feature_inputs(wildcards):
     return inputs
 
 
+# --- latents
+from slatflow.feature_settings import resolve_arch
+from slatflow.latents import LatentSettings
+
+LATENTS = LatentSettings.from_config(config["latents"])
+LATENTS.check_feature_channels(resolve_arch(FEATURES.model).embed_dim, FEATURES.model)
+SS_LATENT_NAME = LATENTS.name("ss")
+# latents/<feat>_<slat_enc>: TRELLIS's name, the features read, then the encoder
+SLAT_LATENT_NAME = f"{FEATURE_MODEL}_{LATENTS.name('slat')}"
+# One GPU job at a time on a machine when the encoders run on its GPU (profiles/default).
+LATENT_GPU_SLOT = int(
+    LATENTS.device == "cuda"
+    or (LATENTS.device == "auto" and shutil.which("nvidia-smi") is not None)
+)
+
+
+def latent_encoder_params(kind):
+    """What re-runs an encoder's outputs: the checkpoint spec (two folders may hold files
+    of one name), a random architecture, the torso precision; the name is in the path.
+    """
+    return {
+        "spec": LATENTS.spec(kind),
+        "random_args": LATENTS.random_args(kind),
+        "precision": LATENTS.precision,
+    }
+
+
 # --- geometry
 def sdf_sample_params():
     """What re-samples an asset's SDF: every sampling setting (each changes the samples)."""

@@ -24,6 +24,7 @@ import pandas as pd
 
 from slatflow.ingest import SOURCE_COLUMNS
 from slatflow.io import atomic_path, write_text_atomic
+from slatflow.models.names import latent_folder_names
 from slatflow.quarantine import load_failures
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class ModelNames:
     def from_config(cls, config: dict) -> "ModelNames":
         """The output folder names the config's stages write under (absent stages: none)."""
         features = feature_folder_name(config["features"]) if "features" in config else None
-        latents = config.get("latents", {})
-        ss_name, slat_name = latents.get("ss_name"), latents.get("slat_name")
+        ss_name, slat_name = latent_folder_names(config["latents"]) if "latents" in config else (None, None)
         return cls(
             features=(features,) if features else (),
             ss_latents=(ss_name,) if ss_name else (),

@@ -71,7 +71,10 @@ def test_ply_vertex_count_reads_the_header_only(tmp_path):
 
 def test_model_names_from_config():
     names = ModelNames.from_config(
-        {"features": {"model": "dinov2_vitl14_reg"}, "latents": {"ss_name": "ss", "slat_name": "slat"}}
+        {
+            "features": {"model": "dinov2_vitl14_reg"},
+            "latents": {"ss_encoder": "/ckpts/ss", "slat_encoder": "org/repo/ckpts/slat"},
+        }
     )
     assert names == ModelNames(("dinov2_vitl14_reg",), ("ss",), ("dinov2_vitl14_reg_slat",))
     assert ModelNames.from_config({}) == ModelNames()

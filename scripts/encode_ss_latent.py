@@ -1,0 +1,17 @@
+"""Snakemake adapter: encode one asset's voxels into its sparse-structure latent."""
+
+from slatflow.latents import LatentSettings, encode_latent_files
+from slatflow.workflow import run_asset_job
+
+run_asset_job(
+    snakemake,
+    "ss_latent",
+    lambda: encode_latent_files(
+        "ss",
+        [snakemake.wildcards.sha256],
+        snakemake.input,
+        snakemake.output,
+        LatentSettings.from_config(snakemake.config["latents"]),
+        snakemake.threads,
+    ),
+)
