@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
     resolve_arch,
 )
 from slatflow.io import save_npz_atomic, write_json_atomic
+from slatflow.logs import warn_random_weights
 
 if TYPE_CHECKING:
     import torch
@@ -768,6 +769,26 @@ def extract_features(
         One outcome per job; a bad asset has its `AssetError` there, the others are written.
     """
     return FeatureExtractor(settings, loaded).run(jobs)
+
+
+def worker_service(settings: dict) -> Callable[[dict], None]:
+    """A model worker's handler (slatflow.worker): the model loaded once, then one asset per
+    request `{"sha256", "render_dir", "voxels", "output"}`.
+
+    Args:
+        settings: `FeatureSettings` fields.
+    """
+    extractor = FeatureExtractor(FeatureSettings(**settings))
+
+    def handle(request: dict) -> None:
+        if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it
+            warn_random_weights(logger, extractor.settings.model)
+        job = FeatureJob(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
+        (outcome,) = extractor.run([job])
+        if outcome.error is not None:
+            raise outcome.error
+
+    return handle
 
 
 def extract_feature_files(jobs: Iterable[FeatureJob], settings: FeatureSettings) -> None:

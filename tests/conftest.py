@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,7 @@ def run_workflow(
     the XDG folders point into `config_dir`, where bpy and torch write their caches.
     """
     configfile = write_config(config_dir / "config.yaml", config)
+    worker_dir = Path(tempfile.mkdtemp(prefix="sfw", dir="/tmp"))  # sockets need short paths
     env = dict(os.environ)
     env.update(
         HOME=str(config_dir),
@@ -40,10 +45,22 @@ def run_workflow(
         XDG_CACHE_HOME=str(config_dir / ".cache"),
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(REPO),
+        SLATFLOW_WORKER_DIR=str(worker_dir),
     )
     # targets first: --configfile takes every following word as another config file
     cmd = SNAKEMAKE + [*targets, "--configfile", str(configfile), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        stop_workers(worker_dir)
+
+
+def stop_workers(worker_dir: Path) -> None:
+    """End the model workers a run started (they would wait for their idle timeout)."""
+    for pid_file in worker_dir.glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    shutil.rmtree(worker_dir, ignore_errors=True)
 
 
 def make_small_assets(folder: Path) -> dict[str, Path]:

@@ -1,0 +1,134 @@
+"""Model workers: one load serves many jobs; errors, crashes, hangs and idle exits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, stop_workers
+from slatflow.errors import AssetError, ConfigError
+from slatflow.worker import WorkerSettings, WorkerSpec, run_request
+
+TOY = "worker_toy:make"
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """A spec for the toy service, sockets and logs in tmp_path, the worker importable."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    sockets = Path(tempfile.mkdtemp(prefix="sfw", dir="/tmp"))  # socket paths must be short
+    (tmp_path / "sockets").symlink_to(sockets)
+    settings = WorkerSettings(idle_timeout_s=30, start_timeout_s=60, request_timeout_s=20, socket_dir=str(sockets))
+    spec = WorkerSpec(TOY, {"record_dir": str(tmp_path)})
+    yield spec, settings
+    stop_workers(sockets)
+
+
+def request(tmp_path: Path, name: str, action: str = "write") -> dict:
+    return {"sha256": name * 64, "output": str(tmp_path / f"{name}.out"), "action": action}
+
+
+def loads(tmp_path: Path) -> list[str]:
+    return (tmp_path / "loads").read_text().split()
+
+
+def test_one_worker_serves_many_jobs_and_their_logs_come_back(toy, tmp_path, caplog):
+    spec, settings = toy
+    with caplog.at_level(logging.INFO):
+        for name in "abc":
+            run_request(spec, request(tmp_path, name), settings, tmp_path / "logs")
+    assert len(loads(tmp_path)) == 1, "the model loaded once for three jobs"
+    pids = {(tmp_path / f"{n}.out").read_text() for n in "abc"}
+    assert pids == {loads(tmp_path)[0] + "\n"}, "all three were written by the worker"
+    assert os.getpid() != int(loads(tmp_path)[0])
+    assert "asset " + "b" * 64 + ": write in pid" in caplog.text, "the worker's log lines reach the job's log"
+
+
+def test_jobs_arriving_together_start_one_worker(toy, tmp_path):
+    spec, settings = toy
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: run_request(spec, request(tmp_path, n), settings, tmp_path / "logs"), "abcd"))
+    assert len(loads(tmp_path)) == 1
+
+
+def test_a_bad_asset_is_reported_and_the_worker_goes_on(toy, tmp_path):
+    spec, settings = toy
+    with pytest.raises(AssetError, match="no voxels in the file") as info:
+        run_request(spec, request(tmp_path, "a", "bad"), settings, tmp_path / "logs")
+    assert info.value.sha256 == "a" * 64
+    run_request(spec, request(tmp_path, "b"), settings, tmp_path / "logs")
+    assert len(loads(tmp_path)) == 1
+
+
+def test_an_unexpected_error_fails_the_asset_and_retires_the_worker(toy, tmp_path):
+    spec, settings = toy
+    with pytest.raises(AssetError, match="RuntimeError: CUDA error"):
+        run_request(spec, request(tmp_path, "a", "crash"), settings, tmp_path / "logs")
+    run_request(spec, request(tmp_path, "b"), settings, tmp_path / "logs")
+    assert len(loads(tmp_path)) == 2, "the next job got a fresh worker"
+
+
+def test_a_worker_that_dies_fails_only_its_asset(toy, tmp_path):
+    spec, settings = toy
+    with pytest.raises(AssetError, match="died while processing"):
+        run_request(spec, request(tmp_path, "a", "die"), settings, tmp_path / "logs")
+    run_request(spec, request(tmp_path, "b"), settings, tmp_path / "logs")
+    assert (tmp_path / "b.out").exists()
+
+
+def test_a_hanging_asset_times_out_and_the_worker_is_stopped(toy, tmp_path):
+    spec, settings = toy
+    settings = WorkerSettings(**{**settings.__dict__, "request_timeout_s": 2})
+    start = time.monotonic()
+    with pytest.raises(AssetError, match="timed out after 2 s"):
+        run_request(spec, request(tmp_path, "a", "hang"), settings, tmp_path / "logs")
+    assert time.monotonic() - start < 30
+    hung_pid = int(loads(tmp_path)[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{hung_pid}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{hung_pid}").exists() or "Z" in Path(f"/proc/{hung_pid}/stat").read_text().split()[2]
+
+
+def test_a_model_that_fails_to_load_is_a_config_error(toy, tmp_path):
+    spec, settings = toy
+    spec = WorkerSpec(TOY, {"record_dir": str(tmp_path), "fail_to_load": True})
+    with pytest.raises(ConfigError, match="weights 'nowhere' not found"):
+        run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
+
+
+def test_an_idle_worker_exits_and_the_next_job_starts_another(toy, tmp_path):
+    spec, settings = toy
+    settings = WorkerSettings(**{**settings.__dict__, "idle_timeout_s": 1})
+    run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
+    first = int(loads(tmp_path)[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and list((tmp_path / "sockets").glob("*.sock")):
+        time.sleep(0.1)
+    assert not list((tmp_path / "sockets").glob("*.sock")), "the idle worker removed its socket"
+    run_request(spec, request(tmp_path, "b"), settings, tmp_path / "logs")
+    assert int(loads(tmp_path)[1]) != first
+
+
+def test_different_settings_get_different_workers(toy, tmp_path):
+    spec, settings = toy
+    run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
+    other = WorkerSpec(TOY, {"record_dir": str(tmp_path), "model": "other"})
+    run_request(other, request(tmp_path, "b"), settings, tmp_path / "logs")
+    assert len(set(loads(tmp_path))) == 2
+
+
+def test_disabled_workers_run_in_process(toy, tmp_path):
+    spec, settings = toy
+    settings = WorkerSettings(enabled=False)
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
+    assert loads(tmp_path) == [str(os.getpid())]
