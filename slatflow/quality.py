@@ -240,13 +240,14 @@ QUALITY_COLUMNS = [
 def quality_columns(out_dir: str | os.PathLike, index) -> "pandas.DataFrame":  # noqa: F821
     """metadata.csv's quality columns for the assets of `index` (sha256), read from
     `OUT/quality/*.json`: the metrics above and `suspicious` (reasons joined by "; ",
-    empty when none). Assets without a record get NaN and an empty string."""
+    empty when none). Assets without a record get NaN and an empty string; without an
+    OUT/quality folder (the stage never ran) there are no columns."""
     import pandas as pd
 
     folder = Path(out_dir) / "quality"
-    present = set()
-    if folder.is_dir():
-        present = {e.name[: -len(".json")] for e in os.scandir(folder) if e.name.endswith(".json")}
+    if not folder.is_dir():
+        return pd.DataFrame(index=index)
+    present = {e.name[: -len(".json")] for e in os.scandir(folder) if e.name.endswith(".json")}
     rows = {}
     for sha256 in index:
         if sha256 not in present:

@@ -103,6 +103,7 @@ def test_check_assets_writes_records_and_metadata_columns(tmp_path):
     assert columns.loc[good, "suspicious"] == "" and columns.loc[missing, "suspicious"] == ""
     assert "voxel mesh" in columns.loc[bad, "suspicious"]
     assert columns.loc[good, "mesh_fscore"] > 0.99 and np.isnan(columns.loc[missing, "mesh_fscore"])
+    assert quality.quality_columns(tmp_path / "elsewhere", columns.index).shape == (3, 0)
 
 
 def test_thresholds_from_config_ignore_nothing_silently():
