@@ -84,8 +84,9 @@ def run_variant(variant: str, resolution: int, device: str, repeat: int, sample_
         if variant == "slatflow-numpy":
             return extract_fields(lo, hi, resolution, torus_sdf)
         if variant.startswith("slatflow-chunk"):
-            return extract_fields(lo, hi, resolution, torus_sdf, chunk=int(variant[len("slatflow-chunk"):]),
-                                  device=device)
+            return extract_fields(
+                lo, hi, resolution, torus_sdf, chunk=int(variant[len("slatflow-chunk") :]), device=device
+            )
         raise ValueError(variant)
 
     times = []
@@ -130,9 +131,14 @@ def bench_fields(resolutions, device: str, repeat: int, rounds: int, threads: in
     if not device.startswith("cuda"):
         variants.append("slatflow-numpy")
     base = baseline_rss_mb(device)
-    print(f"extract_fields, torus SDF, device={device}, torch threads={threads}, "
-          f"best of {rounds} rounds x {repeat} runs")
-    print(f"(memory: peak RSS above an import-only process, {base:.0f} MB, less the field itself, R^3 x 4 bytes)")
+    print(
+        f"extract_fields, torus SDF, device={device}, torch threads={threads}, "
+        f"best of {rounds} rounds x {repeat} runs"
+    )
+    print(
+        f"(memory: peak RSS above an import-only process, {base:.0f} MB, "
+        "less the field itself, R^3 x 4 bytes)"
+    )
     header = f"{'R':>5} {'variant':>18} {'seconds':>9} {'vs NeuS':>8} {'extra RSS MB':>13} {'field MB':>9}"
     if device.startswith("cuda"):
         header += f" {'peak GPU MB':>12}"
@@ -143,9 +149,22 @@ def bench_fields(resolutions, device: str, repeat: int, rounds: int, threads: in
             for _ in range(rounds):
                 for variant in variants:
                     sample = os.path.join(tmp, f"{variant}-{resolution}.npy")
-                    cmd = [sys.executable, __file__, "--worker", variant, "--resolution", str(resolution),
-                           "--device", device, "--repeat", str(repeat), "--sample", sample,
-                           "--threads", str(threads)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        variant,
+                        "--resolution",
+                        str(resolution),
+                        "--device",
+                        device,
+                        "--repeat",
+                        str(repeat),
+                        "--sample",
+                        sample,
+                        "--threads",
+                        str(threads),
+                    ]
                     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
                     if out.returncode:
                         raise SystemExit(f"{variant} at {resolution}^3 failed:\n{out.stderr}")
@@ -156,9 +175,11 @@ def bench_fields(resolutions, device: str, repeat: int, rounds: int, threads: in
                     best["sample"] = np.load(sample)
             for variant, r in results.items():
                 diff = float(np.abs(r["sample"] - results["neus"]["sample"]).max())
-                line = (f"{resolution:>5} {variant:>18} {r['seconds']:>9.3f} "
-                        f"{results['neus']['seconds'] / r['seconds']:>7.2f}x "
-                        f"{r['peak_rss_mb'] - base - r['field_mb']:>13.0f} {r['field_mb']:>9.0f}")
+                line = (
+                    f"{resolution:>5} {variant:>18} {r['seconds']:>9.3f} "
+                    f"{results['neus']['seconds'] / r['seconds']:>7.2f}x "
+                    f"{r['peak_rss_mb'] - base - r['field_mb']:>13.0f} {r['field_mb']:>9.0f}"
+                )
                 if "peak_gpu_mb" in r:
                     line += f" {r['peak_gpu_mb']:>12.0f}"
                 print(line + f"   max |diff| vs NeuS {diff:.1e}", flush=True)
@@ -182,28 +203,38 @@ def bench_mesh(threads: int) -> None:
             spacing = (hi[0] - lo[0]) / (resolution - 1)
 
             def full_igl(points):
-                s, _, _, _ = igl.signed_distance(np.asarray(points, np.float64), vertices, faces,
-                                                 sign_type=igl.SIGNED_DISTANCE_TYPE_FAST_WINDING_NUMBER)
+                s, _, _, _ = igl.signed_distance(
+                    np.asarray(points, np.float64),
+                    vertices,
+                    faces,
+                    sign_type=igl.SIGNED_DISTANCE_TYPE_FAST_WINDING_NUMBER,
+                )
                 return s
 
             start = time.perf_counter()
             reference = geometry.extract_fields(lo, hi, resolution, full_igl, chunk=128)
             t_full = time.perf_counter() - start
             start = time.perf_counter()
-            truncated = geometry.extract_fields(lo, hi, resolution,
-                                                geometry.MeshSDF(vertices, faces, truncation=2 * spacing), chunk=128)
+            truncated = geometry.extract_fields(
+                lo, hi, resolution, geometry.MeshSDF(vertices, faces, truncation=2 * spacing), chunk=128
+            )
             t_trunc = time.perf_counter() - start
             near = np.abs(reference) < 2 * spacing
             err = float(np.abs(truncated[near] - reference[near]).max())
-            print(f"  {len(faces):>7} faces, {resolution}^3: igl signed_distance(FWN) {t_full:.2f} s, "
-                  f"MeshSDF(truncation=2 cells) {t_trunc:.2f} s ({t_full / t_trunc:.1f}x), "
-                  f"max |diff| in band {err:.1e}")
+            print(
+                f"  {len(faces):>7} faces, {resolution}^3: igl signed_distance(FWN) {t_full:.2f} s, "
+                f"MeshSDF(truncation=2 cells) {t_trunc:.2f} s ({t_full / t_trunc:.1f}x), "
+                f"max |diff| in band {err:.1e}"
+            )
     sphere = trimesh.creation.icosphere(subdivisions=6, radius=0.4)
     for resolution in (128, 256):
         start = time.perf_counter()
         mesh = geometry.watertight_mesh(sphere.vertices, sphere.faces, resolution=resolution)
-        print(f"  watertight_mesh {len(sphere.faces)} faces at {resolution}^3: {time.perf_counter() - start:.2f} s, "
-              f"{len(mesh.faces)} faces out")
+        print(
+            f"  watertight_mesh {len(sphere.faces)} faces at {resolution}^3: "
+            f"{time.perf_counter() - start:.2f} s, "
+            f"{len(mesh.faces)} faces out"
+        )
     field = geometry.extract_fields([-BOUND] * 3, [BOUND] * 3, 256, torus_sdf)
     for method in ("skimage", "pymcubes"):
         start = time.perf_counter()
@@ -212,7 +243,9 @@ def bench_mesh(threads: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--repeat", type=int, default=2, help="runs per subprocess")

@@ -138,7 +138,9 @@ def _extract_fields_numpy(axes: np.ndarray, query_fn: Callable, chunk: int, fiel
                 ).reshape(shape)
 
 
-def _extract_fields_torch(axes: np.ndarray, query_fn: Callable, chunk: int, device: Any, field: np.ndarray) -> None:
+def _extract_fields_torch(
+    axes: np.ndarray, query_fn: Callable, chunk: int, device: Any, field: np.ndarray
+) -> None:
     import torch
 
     resolution = axes.shape[1]
@@ -147,7 +149,9 @@ def _extract_fields_torch(axes: np.ndarray, query_fn: Callable, chunk: int, devi
     buffer = torch.zeros((min(chunk, resolution) ** 3, 3), dtype=torch.float32, device=device)
     on_host = device.type == "cpu"
     if not on_host:
-        slab = torch.zeros((min(chunk, resolution), resolution, resolution), dtype=torch.float32, device=device)
+        slab = torch.zeros(
+            (min(chunk, resolution), resolution, resolution), dtype=torch.float32, device=device
+        )
     with torch.no_grad():
         for i0 in _chunk_starts(resolution, chunk):
             if on_host:  # write straight into the numpy field through a shared-memory view
@@ -330,7 +334,10 @@ class _NearSurfaceCells:
         # |q - sample| < distance + spacing for a point q within `distance` of the surface
         radius = int(math.floor((distance + spacing) / self.cell)) + 1
         self.origin = vertices.min(axis=0) - (radius + 1) * self.cell
-        shape = np.ceil((vertices.max(axis=0) + (radius + 1) * self.cell - self.origin) / self.cell).astype(int) + 1
+        shape = (
+            np.ceil((vertices.max(axis=0) + (radius + 1) * self.cell - self.origin) / self.cell).astype(int)
+            + 1
+        )
         mask = np.zeros(tuple(shape), dtype=bool)
         for samples in _lattice_surface_samples(vertices, faces, spacing):  # (S, 3) blocks
             idx = np.floor((samples - self.origin) / self.cell).astype(np.int64)  # (S, 3)
@@ -367,8 +374,12 @@ class _CoarseSign:
         axes = [self.origin[a] + self.cell * np.arange(nodes[a]) for a in range(3)]
         grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)  # (N0 * N1 * N2, 3)
         node_inside = (np.abs(sdf.winding_number(grid)) > 0.5).reshape(tuple(nodes))
-        corners = [node_inside[i : nodes[0] - 1 + i, j : nodes[1] - 1 + j, k : nodes[2] - 1 + k]
-                   for i in (0, 1) for j in (0, 1) for k in (0, 1)]  # 8 x (C0, C1, C2)
+        corners = [
+            node_inside[i : nodes[0] - 1 + i, j : nodes[1] - 1 + j, k : nodes[2] - 1 + k]
+            for i in (0, 1)
+            for j in (0, 1)
+            for k in (0, 1)
+        ]  # 8 x (C0, C1, C2)
         agree = np.all([c == corners[0] for c in corners[1:]], axis=0)
         # coarse cells overlapped by a near-surface cell (each overlaps at most 2 per axis)
         near_cells = np.argwhere(band.mask)  # (M, 3)
@@ -450,7 +461,9 @@ class VoxelSDF:
         if len(indices) == 0:
             raise ValueError("VoxelSDF needs at least one voxel")
         if indices.min() < 0 or indices.max() >= resolution:
-            raise ValueError(f"voxel indices must lie in [0, {resolution}), got [{indices.min()}, {indices.max()}]")
+            raise ValueError(
+                f"voxel indices must lie in [0, {resolution}), got [{indices.min()}, {indices.max()}]"
+            )
         self.resolution = resolution
         self.truncation = 1.0 / resolution if truncation is None else float(truncation)
         self.reach = max(1, math.ceil(self.truncation * resolution))  # cells per axis to search
@@ -540,7 +553,9 @@ def watertight_mesh(
     bound_min, bound_max = padded_unit_cube_grid(resolution, pad_cells)
     spacing = (bound_max[0] - bound_min[0]) / (resolution - 1)
     sdf = MeshSDF(vertices, faces, truncation=truncation_cells * spacing)
-    return extract_geometry(bound_min, bound_max, resolution, 0.0, sdf, inside="below", method=method, chunk=chunk)
+    return extract_geometry(
+        bound_min, bound_max, resolution, 0.0, sdf, inside="below", method=method, chunk=chunk
+    )
 
 
 def voxel_mesh(
@@ -626,11 +641,18 @@ def extract_mesh_asset(
     mesh = watertight_mesh(vertices, faces, resolution=resolution, method=method)
     if len(mesh.faces) == 0:
         raise AssetError(
-            sha256, f"mesh {mesh_path} encloses no volume at {resolution}^3 (flat or open everywhere?)", "meshes"
+            sha256,
+            f"mesh {mesh_path} encloses no volume at {resolution}^3 (flat or open everywhere?)",
+            "meshes",
         )
     write_mesh_ply(out_path, mesh)
-    logger.info("asset %s: watertight mesh %d vertices, %d faces at %d^3", sha256, len(mesh.vertices),
-                len(mesh.faces), resolution)
+    logger.info(
+        "asset %s: watertight mesh %d vertices, %d faces at %d^3",
+        sha256,
+        len(mesh.vertices),
+        len(mesh.faces),
+        resolution,
+    )
     return mesh
 
 
@@ -748,7 +770,9 @@ def check_quality_asset(
         start = time.perf_counter()
         rng = np.random.default_rng(settings.seed)
         try:
-            metrics = surface_metrics(checked, reference, settings.num_samples, settings.fscore_threshold, rng)
+            metrics = surface_metrics(
+                checked, reference, settings.num_samples, settings.fscore_threshold, rng
+            )
         except ValueError as exc:
             raise AssetError(sha256, f"{name}: {exc}", "quality") from exc
         seconds[name] = time.perf_counter() - start
@@ -760,8 +784,11 @@ def check_quality_asset(
         centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
         indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
         if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
-            raise AssetError(sha256, f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
-                             "quality")
+            raise AssetError(
+                sha256,
+                f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
+                "quality",
+            )
         record["num_voxels"] = int(len(indices))
         start = time.perf_counter()
         rebuilt = voxel_mesh(indices, VOXEL_GRID, samples_per_voxel=settings.voxel_samples_per_voxel)

@@ -182,26 +182,52 @@ def suspicious_reasons(record: dict, thresholds: QualityThresholds) -> list[str]
 
     mesh, voxels, masks = record.get("mesh"), record.get("voxels"), record.get("masks")
     if mesh:
-        check(mesh["chamfer_l1"], thresholds.max_chamfer_mesh, mesh["chamfer_l1"] > thresholds.max_chamfer_mesh,
-              "watertight mesh Chamfer-L1")
-        check(mesh["fscore"], thresholds.min_fscore_mesh, mesh["fscore"] < thresholds.min_fscore_mesh,
-              "watertight mesh F-score@0.01")
+        check(
+            mesh["chamfer_l1"],
+            thresholds.max_chamfer_mesh,
+            mesh["chamfer_l1"] > thresholds.max_chamfer_mesh,
+            "watertight mesh Chamfer-L1",
+        )
+        check(
+            mesh["fscore"],
+            thresholds.min_fscore_mesh,
+            mesh["fscore"] < thresholds.min_fscore_mesh,
+            "watertight mesh F-score@0.01",
+        )
     if voxels:
-        check(voxels["chamfer_l1"], thresholds.max_chamfer_voxels,
-              voxels["chamfer_l1"] > thresholds.max_chamfer_voxels, "voxel mesh Chamfer-L1")
-        check(voxels["fscore"], thresholds.min_fscore_voxels, voxels["fscore"] < thresholds.min_fscore_voxels,
-              "voxel mesh F-score@0.01")
+        check(
+            voxels["chamfer_l1"],
+            thresholds.max_chamfer_voxels,
+            voxels["chamfer_l1"] > thresholds.max_chamfer_voxels,
+            "voxel mesh Chamfer-L1",
+        )
+        check(
+            voxels["fscore"],
+            thresholds.min_fscore_voxels,
+            voxels["fscore"] < thresholds.min_fscore_voxels,
+            "voxel mesh F-score@0.01",
+        )
     if masks:
         if masks["num_views"] == 0:
             reasons.append("no render PNGs to check")
         else:
-            check(masks["nonempty_fraction"], thresholds.min_nonempty_views,
-                  masks["nonempty_fraction"] < thresholds.min_nonempty_views, "fraction of non-empty views")
-            check(masks["mean_coverage"], thresholds.min_mask_coverage,
-                  masks["mean_coverage"] < thresholds.min_mask_coverage, "mean mask coverage")
+            check(
+                masks["nonempty_fraction"],
+                thresholds.min_nonempty_views,
+                masks["nonempty_fraction"] < thresholds.min_nonempty_views,
+                "fraction of non-empty views",
+            )
+            check(
+                masks["mean_coverage"],
+                thresholds.min_mask_coverage,
+                masks["mean_coverage"] < thresholds.min_mask_coverage,
+                "mean mask coverage",
+            )
     num_voxels = record.get("num_voxels")
     if num_voxels is not None and num_voxels > thresholds.max_num_voxels:
-        reasons.append(f"num_voxels {num_voxels} above {thresholds.max_num_voxels} (TRELLIS's training filter)")
+        reasons.append(
+            f"num_voxels {num_voxels} above {thresholds.max_num_voxels} (TRELLIS's training filter)"
+        )
     return reasons
 
 

@@ -79,14 +79,21 @@ def svg_histogram(values: np.ndarray, title: str, bins: int = 20, width: int = 3
         for i, count in enumerate(counts):
             bar_h = plot_h * count / counts.max()
             parts.append(
-                f'<rect x="{left + i * bar_w:.1f}" y="{top + plot_h - bar_h:.1f}" width="{max(bar_w - 1, 1):.1f}" '
-                f'height="{bar_h:.1f}" fill="#4a7bb7"><title>{count}</title></rect>'
+                f'<rect x="{left + i * bar_w:.1f}" y="{top + plot_h - bar_h:.1f}" '
+                f'width="{max(bar_w - 1, 1):.1f}" height="{bar_h:.1f}" fill="#4a7bb7">'
+                f"<title>{count}</title></rect>"
             )
         parts.append(f'<text x="{left}" y="{height - 8}" font-size="11">{lo:.4g}</text>')
-        parts.append(f'<text x="{width - left}" y="{height - 8}" font-size="11" text-anchor="end">{hi:.4g}</text>')
-        parts.append(f'<text x="{width - left}" y="14" font-size="11" text-anchor="end">max bin {counts.max()}</text>')
+        parts.append(
+            f'<text x="{width - left}" y="{height - 8}" font-size="11" text-anchor="end">{hi:.4g}</text>'
+        )
+        parts.append(
+            f'<text x="{width - left}" y="14" font-size="11" text-anchor="end">max bin {counts.max()}</text>'
+        )
     else:
-        parts.append(f'<text x="{left}" y="{top + plot_h / 2}" font-size="12" fill="#888">no values yet</text>')
+        parts.append(
+            f'<text x="{left}" y="{top + plot_h / 2}" font-size="12" fill="#888">no values yet</text>'
+        )
     parts.append(
         f'<line x1="{left}" y1="{top + plot_h}" x2="{width - left}" y2="{top + plot_h}" stroke="#444"/></svg>'
     )
@@ -152,7 +159,9 @@ def mesh_preview(vertices: np.ndarray, faces: np.ndarray, size: int = PREVIEW_SI
     u, v = rng.random(count), rng.random(count)
     flip = u + v > 1
     u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    points = tri[face, 0] + u[:, None] * (tri[face, 1] - tri[face, 0]) + v[:, None] * (tri[face, 2] - tri[face, 0])
+    points = (
+        tri[face, 0] + u[:, None] * (tri[face, 1] - tri[face, 0]) + v[:, None] * (tri[face, 2] - tri[face, 0])
+    )
     normals = cross[face] / np.maximum(area[face, None], 1e-20)
     return splat_image(points, normals, (120, 160, 230), size)
 
@@ -163,7 +172,9 @@ def voxel_preview(centres: np.ndarray, resolution: int = 64, size: int = PREVIEW
     idx = np.clip(np.floor((centres + 0.5) * resolution).astype(np.int64), 0, resolution - 1)  # (N, 3)
     occupied = np.zeros((resolution + 2,) * 3, dtype=bool)  # with an empty ring
     occupied[tuple((idx + 1).T)] = True
-    lattice = np.stack(np.meshgrid(*[np.linspace(-0.45, 0.45, 5)] * 2, indexing="ij"), -1).reshape(-1, 2)  # (25, 2)
+    lattice = np.stack(np.meshgrid(*[np.linspace(-0.45, 0.45, 5)] * 2, indexing="ij"), -1).reshape(
+        -1, 2
+    )  # (25, 2)
     points, normals = [], []
     for axis in range(3):
         others = [a for a in range(3) if a != axis]
@@ -245,7 +256,11 @@ def _stage_counts(metadata, out_dir: Path, failures) -> list[tuple[str, int, int
             continue
         stage = stage_of.get(column) or next((s for p, s in prefixes.items() if column.startswith(p)), column)
         rows.append((column, int(metadata[column].sum()), failed.pop(stage, 0)))
-    for folder, suffix, stage in (("meshes", ".ply", "meshes"), ("sdf", ".npz", "sdf"), ("quality", ".json", "quality")):
+    for folder, suffix, stage in (
+        ("meshes", ".ply", "meshes"),
+        ("sdf", ".npz", "sdf"),
+        ("quality", ".json", "quality"),
+    ):
         path = out_dir / folder
         done = sum(1 for e in os.scandir(path) if e.name.endswith(suffix)) if path.is_dir() else 0
         rows.append((folder, done, failed.pop(stage, 0)))
@@ -306,7 +321,11 @@ def build_report(
 
     body.append(f'<h2 id="failures">Failures ({len(failures)})</h2>')
     if failures:
-        body.append(_table(["stage", "asset", "reason", "log"], ((f.stage, f.sha256, f.reason, f.log) for f in failures)))
+        body.append(
+            _table(
+                ["stage", "asset", "reason", "log"], ((f.stage, f.sha256, f.reason, f.log) for f in failures)
+            )
+        )
     else:
         body.append("<p>none</p>")
 
@@ -316,7 +335,9 @@ def build_report(
 
     body.append('<h2 id="histograms">Histograms</h2><div class="grid">')
     for column, title in HISTOGRAMS:
-        values = pd.to_numeric(metadata[column], errors="coerce").to_numpy() if column in metadata else np.zeros(0)
+        values = (
+            pd.to_numeric(metadata[column], errors="coerce").to_numpy() if column in metadata else np.zeros(0)
+        )
         body.append(svg_histogram(values, title))
     body.append("</div>")
 
@@ -324,7 +345,14 @@ def build_report(
     body.append('<h2 id="timings">Time per stage (Snakemake benchmark files)</h2>')
     if timings:
         rows = [
-            (rule, len(s), f"{np.median(s):.2f}", f"{np.percentile(s, 90):.2f}", f"{s.max():.2f}", f"{s.sum():.1f}")
+            (
+                rule,
+                len(s),
+                f"{np.median(s):.2f}",
+                f"{np.percentile(s, 90):.2f}",
+                f"{s.max():.2f}",
+                f"{s.sum():.1f}",
+            )
             for rule, s in sorted(timings.items())
         ]
         body.append(_table(["rule", "jobs", "median s", "p90 s", "max s", "total s"], rows))
@@ -363,11 +391,15 @@ def _preview_assets(index, flagged, out_dir: Path, count: int, seed: int) -> lis
     """Suspicious assets first, then a seeded sample of the others that have outputs."""
     chosen = [sha for sha in flagged if sha in index][:count]
     others = [
-        sha for sha in index
-        if sha not in chosen and ((out_dir / "voxels" / f"{sha}.ply").exists() or (out_dir / "renders" / sha).is_dir())
+        sha
+        for sha in index
+        if sha not in chosen
+        and ((out_dir / "voxels" / f"{sha}.ply").exists() or (out_dir / "renders" / sha).is_dir())
     ]
     rng = np.random.default_rng(seed)
-    extra = rng.choice(len(others), size=min(count - len(chosen), len(others)), replace=False) if others else []
+    extra = (
+        rng.choice(len(others), size=min(count - len(chosen), len(others)), replace=False) if others else []
+    )
     return chosen + [others[i] for i in sorted(extra)]
 
 

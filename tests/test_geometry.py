@@ -21,8 +21,11 @@ def neus_extract_fields(bound_min, bound_max, resolution, query_fn, chunk=64):
                 xx, yy, zz = torch.meshgrid(xs, ys, zs, indexing="ij")
                 points = torch.stack([xx.reshape(-1), yy.reshape(-1), zz.reshape(-1)], dim=-1)
                 values = query_fn(points).reshape(len(xs), len(ys), len(zs)).numpy()
-                field[xi * chunk : xi * chunk + len(xs), yi * chunk : yi * chunk + len(ys),
-                      zi * chunk : zi * chunk + len(zs)] = values
+                field[
+                    xi * chunk : xi * chunk + len(xs),
+                    yi * chunk : yi * chunk + len(ys),
+                    zi * chunk : zi * chunk + len(zs),
+                ] = values
     return field
 
 
@@ -53,7 +56,11 @@ def test_extract_fields_matches_the_neus_loop_and_ij_order(device):
 
 def test_extract_fields_accepts_torch_bounds_and_column_outputs():
     field = geometry.extract_fields(
-        torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([1.0, 1.0, 1.0]), 9, lambda p: lopsided(p)[:, None], chunk=4
+        torch.tensor([-1.0, -1.0, -1.0]),
+        torch.tensor([1.0, 1.0, 1.0]),
+        9,
+        lambda p: lopsided(p)[:, None],
+        chunk=4,
     )
     assert field[8, 8, 8] == pytest.approx(111.0)
 
@@ -253,8 +260,9 @@ def test_sample_sdf_is_the_sphere_distance_and_reproducible(tmp_path):
     mesh_path = tmp_path / "sphere.ply"
     geometry.write_mesh_ply(mesh_path, sphere)
     out = tmp_path / "sdf" / "a.npz"
-    samples = geometry.sample_sdf_asset("ab" * 32, mesh_path, out, num_near=3000, num_uniform=1000,
-                                        near_std=(0.005, 0.02), uniform_bound=0.55)
+    samples = geometry.sample_sdf_asset(
+        "ab" * 32, mesh_path, out, num_near=3000, num_uniform=1000, near_std=(0.005, 0.02), uniform_bound=0.55
+    )
     assert samples.points.shape == (4000, 3) and samples.sdf.shape == (4000,)
     expected = np.linalg.norm(samples.points, axis=1) - 0.3
     assert np.abs(samples.sdf - expected).max() < 1e-3
@@ -263,8 +271,15 @@ def test_sample_sdf_is_the_sphere_distance_and_reproducible(tmp_path):
     with np.load(out) as data:
         np.testing.assert_array_equal(data["points"], samples.points)
         np.testing.assert_array_equal(data["sdf"], samples.sdf)
-    again = geometry.sample_sdf_asset("ab" * 32, mesh_path, tmp_path / "b.npz", num_near=3000, num_uniform=1000,
-                                      near_std=(0.005, 0.02), uniform_bound=0.55)
+    again = geometry.sample_sdf_asset(
+        "ab" * 32,
+        mesh_path,
+        tmp_path / "b.npz",
+        num_near=3000,
+        num_uniform=1000,
+        near_std=(0.005, 0.02),
+        uniform_bound=0.55,
+    )
     np.testing.assert_array_equal(again.points, samples.points)
 
 
@@ -288,8 +303,9 @@ def test_extract_mesh_asset_names_the_asset_on_bad_input(tmp_path):
     with pytest.raises(AssetError, match="ef" * 32):
         geometry.extract_mesh_asset("ef" * 32, bad, tmp_path / "out.ply", resolution=16)
     flat = tmp_path / "flat.ply"
-    geometry.write_mesh_ply(flat, TriangleMesh(np.array([[0, 0, 0], [0.1, 0, 0], [0, 0.1, 0]], np.float32),
-                                               np.array([[0, 1, 2]])))
+    geometry.write_mesh_ply(
+        flat, TriangleMesh(np.array([[0, 0, 0], [0.1, 0, 0], [0, 0.1, 0]], np.float32), np.array([[0, 1, 2]]))
+    )
     with pytest.raises(AssetError, match="encloses no volume"):
         geometry.extract_mesh_asset("ef" * 32, flat, tmp_path / "out.ply", resolution=16)
 

@@ -21,8 +21,18 @@ from voxelize_fixtures import normalize_vertices, write_mesh_ply
 from slatflow.voxelize import read_mesh_ply
 
 GEOMETRY_RULES = (
-    "--allowed-rules", "ingest_manifest", "metadata_aggregate", "voxelize_mesh", "extract_mesh", "sample_sdf",
-    "quality_check", "quality_report", "meshes", "sdf", "quality", "report",
+    "--allowed-rules",
+    "ingest_manifest",
+    "metadata_aggregate",
+    "voxelize_mesh",
+    "extract_mesh",
+    "sample_sdf",
+    "quality_check",
+    "quality_report",
+    "meshes",
+    "sdf",
+    "quality",
+    "report",
 )
 
 
@@ -78,7 +88,9 @@ def test_geometry_targets_make_meshes_sdf_quality_and_report(small_assets, tmp_p
     # The quarantined asset is left out: the targets complete; the report and metadata follow.
     second = run_workflow(config, ["quality", "report"], *GEOMETRY_RULES, config_dir=tmp_path)
     assert second.returncode == 0, second.stderr
-    table = pd.read_csv(out_dir / "metadata.csv", dtype={"sha256": str}, keep_default_na=False).set_index("sha256")
+    table = pd.read_csv(out_dir / "metadata.csv", dtype={"sha256": str}, keep_default_na=False).set_index(
+        "sha256"
+    )
     for sha256 in good:
         assert float(table.loc[sha256, "mesh_fscore"]) > 0.9
         assert 0 < float(table.loc[sha256, "voxel_chamfer_l1"]) < 0.02
@@ -95,8 +107,13 @@ def test_geometry_targets_make_meshes_sdf_quality_and_report(small_assets, tmp_p
     assert "non-triangular" in page and "extract_mesh" in page
 
     # A different mesh resolution re-runs the meshes and what depends on them, only those.
-    third = run_workflow({**config, "meshes": {**config["meshes"], "resolution": 40}}, ["quality"],
-                         *GEOMETRY_RULES, "-n", config_dir=tmp_path)
+    third = run_workflow(
+        {**config, "meshes": {**config["meshes"], "resolution": 40}},
+        ["quality"],
+        *GEOMETRY_RULES,
+        "-n",
+        config_dir=tmp_path,
+    )
     assert third.returncode == 0, third.stderr
     summary = " ".join((third.stdout + third.stderr).split())
     assert f"extract_mesh {len(good)}" in summary and f"quality_check {len(good)}" in summary

@@ -72,8 +72,9 @@ def test_suspicious_reasons_name_the_value_and_the_limit():
     assert any("voxel mesh F-score@0.01 0.5" in r for r in reasons)
     assert any("non-empty views 0.98" in r for r in reasons)
     assert any("num_voxels 40000" in r for r in reasons)
-    lenient = QualityThresholds(max_chamfer_mesh=0.1, min_fscore_voxels=0.1, min_nonempty_views=0.9,
-                                max_num_voxels=50000)
+    lenient = QualityThresholds(
+        max_chamfer_mesh=0.1, min_fscore_voxels=0.1, min_nonempty_views=0.9, max_num_voxels=50000
+    )
     assert quality.suspicious_reasons(record, lenient) == []
 
 

@@ -61,7 +61,11 @@ def build_out_tree(out_dir) -> None:
             path.write_text(f"s\th:m:s\tmax_rss\n{s}\t0:00:0{int(s)}\t100.0\n")
     index = pd.Index([GOOD, SHIFTED, FAILED], name="sha256")
     table = pd.DataFrame(
-        {"rendered": [True, True, False], "voxelized": [True, True, False], "num_voxels": [1200, 2000, np.nan]},
+        {
+            "rendered": [True, True, False],
+            "voxelized": [True, True, False],
+            "num_voxels": [1200, 2000, np.nan],
+        },
         index=index,
     )
     table = pd.concat([table, quality.quality_columns(out_dir, index)], axis=1)
@@ -101,8 +105,10 @@ def test_stage_counts_include_failures(tmp_path):
     metadata = pd.read_csv(tmp_path / "metadata.csv", dtype={"sha256": str}).set_index("sha256")
     metadata["feature_dinov2_vitl14_reg"] = [False, True, False]
     metadata["feature_dinov2_vitl14_reg_random_weights"] = [False, True, False]
-    rows = {stage: (done, failed) for stage, done, failed in report._stage_counts(metadata, tmp_path,
-                                                                                 load_failures(tmp_path))}
+    rows = {
+        stage: (done, failed)
+        for stage, done, failed in report._stage_counts(metadata, tmp_path, load_failures(tmp_path))
+    }
     assert rows["rendered"] == (2, 1) and rows["meshes"] == (2, 0) and rows["quality"] == (2, 0)
     assert rows["feature_dinov2_vitl14_reg"] == (1, 1)
     assert "feature_dinov2_vitl14_reg_random_weights" not in rows
@@ -132,9 +138,18 @@ def test_report_renders_in_headless_chromium(report_html, tmp_path):
 
     shot = tmp_path / "shot.png"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-         "--window-size=1280,2400", report_html.as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            report_html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (2400, 1280)
