@@ -16,6 +16,16 @@ from typing import Iterator
 import numpy as np
 
 
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
@@ -33,6 +43,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)  # readable by the group, as on a shared cluster it must be
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -112,10 +112,15 @@ def stage_columns(out_dir: Path, index: pd.Index, models: ModelNames) -> pd.Data
     return pd.DataFrame(columns, index=index)
 
 
+# Pipeline order: an asset that failed in several stages shows the earliest (the cause).
+STAGE_ORDER = ["ingest", "render", "render_cond", "voxelize", "features", "ss_latent", "slat_latent", "meshes", "sdf", "quality"]
+
+
 def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
-    """The first (earliest stage on disk, by name) failure record of each asset, if any."""
+    """Each asset's failure record of its earliest stage, if it has any."""
     frame = pd.DataFrame(index=index, columns=FAILURE_COLUMNS, dtype=object)
-    for failure in load_failures(out_dir):
+    rank = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+    for failure in sorted(load_failures(out_dir), key=lambda f: rank.get(f.stage, len(rank))):
         if failure.sha256 in frame.index and pd.isna(frame.at[failure.sha256, "failed_stage"]):
             frame.loc[failure.sha256] = [failure.stage, failure.reason, failure.log]
     return frame

@@ -34,3 +34,20 @@ def test_points_ply_is_vertex_only_binary_float32(tmp_path):
     assert "element vertex 10" in header and "element face" not in header
     assert header.count("property float") == 3
     assert np.array_equal(read_ply_points(tmp_path / "v.ply"), points.astype(np.float32))
+
+
+def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import slatflow.io
+
+        importlib.reload(slatflow.io)
+        slatflow.io.save_npz_atomic(tmp_path / "x.npz", a=np.zeros(1))
+    finally:
+        os.umask(old)
+        importlib.reload(slatflow.io)
+    assert (tmp_path / "x.npz").stat().st_mode & 0o777 == 0o644

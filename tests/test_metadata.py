@@ -79,3 +79,13 @@ def test_model_names_from_config():
     assert names == ModelNames(("dinov2_vitl14_reg",), ("ss",), ("dinov2_vitl14_reg_slat",))
     assert ModelNames.from_config({}) == ModelNames()
     json.dumps(names.__dict__)
+
+
+def test_the_earliest_stage_of_several_failures_is_shown(small_assets, tmp_path):
+    out = tmp_path / "out"
+    manifest = build_manifest(SourceConfig(type="local", path=str(tmp_path / "assets")), out, out / "manifest.csv")
+    sha = manifest["sha256"].iloc[0]
+    record_failure(out, "meshes", sha, "no faces (meshes)")
+    record_failure(out, "voxelize", sha, "no faces (voxelize)")
+    metadata = write_metadata(out, out / "manifest.csv", out / "metadata.csv", out / "statistics.txt", MODELS)
+    assert metadata.loc[sha, "failed_stage"] == "voxelize"
