@@ -1,17 +1,10 @@
 """Snakemake adapter: encode one asset's voxel features into its structured latent."""
 
-from slatflow.latents import LatentSettings, encode_latent_files
-from slatflow.workflow import run_asset_job
+from slatflow.workflow import run_model_job
 
-run_asset_job(
+run_model_job(
     snakemake,
     "slat_latent",
-    lambda: encode_latent_files(
-        "slat",
-        [snakemake.wildcards.sha256],
-        snakemake.input,
-        snakemake.output,
-        LatentSettings.from_config(snakemake.config["latents"]),
-        snakemake.threads,
-    ),
+    {"latents": snakemake.config["latents"], "threads": snakemake.threads},
+    {"sha256": snakemake.wildcards.sha256, "source": snakemake.input[0], "output": snakemake.output[0]},
 )

@@ -33,6 +33,7 @@ import numpy as np
 
 from slatflow.errors import AssetError, ConfigError
 from slatflow.io import save_npz_atomic, write_json_atomic
+from slatflow.logs import warn_random_weights
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
 from slatflow.models.names import DEFAULT_SPECS, RANDOM_SPEC, EncoderKind, encoder_name, random_config
 from slatflow.quarantine import record_failure
@@ -451,20 +452,36 @@ def _encode_all(
     return failures
 
 
-def _placed_encoder(
-    encoder: LoadedEncoder | str, kind: EncoderKind, device: Device | str, precision: Precision
-) -> tuple[LoadedEncoder, "torch.device", "torch.dtype", Any]:
-    """(encoder, device, torso dtype, model placed there) for an encoder or its spec."""
+@dataclass(frozen=True)
+class PlacedEncoder:
+    """An encoder's model on its device with its torso dtype, ready for many calls."""
+
+    encoder: LoadedEncoder
+    device: "torch.device"
+    dtype: "torch.dtype"
+    model: Any
+
+
+def place(encoder: LoadedEncoder | str, kind: EncoderKind, device: Device | str, precision: Precision) -> PlacedEncoder:
+    """Load (from a spec) and place an encoder once, for a model worker or a long batch."""
     encoder = encoder if isinstance(encoder, LoadedEncoder) else load_encoder(encoder, kind)
     dev = resolve_device(device)
     dtype = resolve_torso_dtype(precision, dev, encoder.config["args"].get("use_fp16", False))
     logger.info("%s encoder %s on %s, torso %s", kind, encoder.name, dev, dtype)
-    return encoder, dev, dtype, place_encoder(encoder, dev, dtype)
+    return PlacedEncoder(encoder, dev, dtype, place_encoder(encoder, dev, dtype))
+
+
+def _placed_encoder(
+    encoder: LoadedEncoder | PlacedEncoder | str, kind: EncoderKind, device: Device | str, precision: Precision
+) -> tuple[LoadedEncoder, "torch.device", "torch.dtype", Any]:
+    """(encoder, device, torso dtype, model placed there) for an encoder, its spec or its placement."""
+    placed = encoder if isinstance(encoder, PlacedEncoder) else place(encoder, kind, device, precision)
+    return placed.encoder, placed.device, placed.dtype, placed.model
 
 
 def encode_ss_latents(
     jobs: Sequence[LatentJob],
-    encoder: LoadedEncoder | str,
+    encoder: LoadedEncoder | PlacedEncoder | str,
     device: Device | str = "auto",
     precision: Precision = "auto",
     batch_size: int | None = None,
@@ -473,7 +490,8 @@ def encode_ss_latents(
 
     Args:
         jobs: (sha256, voxel PLY, output npz) per asset.
-        encoder: a loaded SparseStructureEncoder, or its spec (see slatflow.models.checkpoint).
+        encoder: a loaded SparseStructureEncoder, its placement (`place`), or its spec
+            (see slatflow.models.checkpoint).
         device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
         precision: torso dtype; "auto" is TRELLIS's (fp16 on GPU, fp32 on CPU).
         batch_size: assets per forward pass; default SS_BATCH[device type].
@@ -511,7 +529,7 @@ def encode_ss_latents(
 
 def encode_slat_latents(
     jobs: Sequence[LatentJob],
-    encoder: LoadedEncoder | str,
+    encoder: LoadedEncoder | PlacedEncoder | str,
     device: Device | str = "auto",
     precision: Precision = "auto",
     max_voxels_per_batch: int | None = None,
@@ -523,7 +541,8 @@ def encode_slat_latents(
 
     Args:
         jobs: (sha256, feature npz, output npz) per asset.
-        encoder: a loaded SLatEncoder, or its spec (see slatflow.models.checkpoint).
+        encoder: a loaded SLatEncoder, its placement (`place`), or its spec
+            (see slatflow.models.checkpoint).
         device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
         precision: torso dtype; "auto" is TRELLIS's (fp16 on GPU, fp32 on CPU).
         max_voxels_per_batch: voxels packed into one forward pass (several assets; one
@@ -587,14 +606,48 @@ def encode_latent_files(
     Raises:
         AssetError: the first asset that failed.
     """
+    encode = _latent_encoder_for_jobs(kind, settings, threads)
+    encode([LatentJob(sha, Path(src), Path(dst)) for sha, src, dst in zip(sha256s, sources, outputs, strict=True)])
+
+
+def _latent_encoder_for_jobs(
+    kind: EncoderKind, settings: LatentSettings, threads: int | None
+) -> Callable[[list[LatentJob]], None]:
+    """Load and place the `kind` encoder once; return a function encoding jobs with it."""
     import torch
 
     torch.set_num_threads(threads or settings.threads)
-    jobs = [LatentJob(sha, Path(src), Path(dst)) for sha, src, dst in zip(sha256s, sources, outputs, strict=True)]
+    placed = place(settings.load(kind), kind, settings.device, settings.precision)
     encode = encode_ss_latents if kind == "ss" else encode_slat_latents
-    failures = encode(jobs, settings.load(kind), device=settings.device, precision=settings.precision)
-    if failures:
-        raise next(iter(failures.values()))
+
+    def encode_jobs(jobs: list[LatentJob]) -> None:
+        if placed.encoder.random_weights:  # said in every asset's log, also from a model worker
+            warn_random_weights(logger, placed.encoder.name)
+        failures = encode(jobs, placed)
+        if failures:
+            raise next(iter(failures.values()))
+
+    return encode_jobs
+
+
+def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]:
+    encode_jobs = _latent_encoder_for_jobs(kind, LatentSettings.from_config(settings["latents"]), settings["threads"])
+
+    def handle(request: dict) -> None:
+        encode_jobs([LatentJob(request["sha256"], Path(request["source"]), Path(request["output"]))])
+
+    return handle
+
+
+def ss_worker_service(settings: dict) -> Callable[[dict], None]:
+    """A model worker's handler (slatflow.worker) for the SS encoder: settings are
+    `{"latents": <config section>, "threads": n}`, requests `{"sha256", "source", "output"}`."""
+    return _worker_service("ss", settings)
+
+
+def slat_worker_service(settings: dict) -> Callable[[dict], None]:
+    """As `ss_worker_service`, for the SLat encoder (sources are feature npz files)."""
+    return _worker_service("slat", settings)
 
 
 # --- statistics ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from slatflow.errors import AssetError, ConfigError
@@ -49,3 +50,25 @@ def run_asset_job(
         print(f"slatflow: asset {sha256} failed in {stage}: {reason} (log: {log_path})", file=sys.stderr)
         sys.exit(1)
     clear_failure(out_dir, stage, sha256)
+
+
+def run_model_job(snakemake: Any, stage: str, settings: dict, request: dict) -> None:
+    """`run_asset_job` for a model stage: the asset goes to the stage's model worker.
+
+    Args:
+        stage: a `slatflow.worker.SERVICES` name, also the quarantine stage.
+        settings: the service's settings (what its model worker is keyed by).
+        request: the asset's inputs and output, as the service reads them.
+    """
+    from slatflow.worker import WorkerSettings, WorkerSpec, run_request
+
+    run_asset_job(
+        snakemake,
+        stage,
+        lambda: run_request(
+            WorkerSpec(stage, settings),
+            request,
+            WorkerSettings.from_config(snakemake.config["workers"]),
+            Path(snakemake.config["output_dir"]) / "logs" / "workers",
+        ),
+    )

@@ -132,3 +132,53 @@ def test_disabled_workers_run_in_process(toy, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
     assert loads(tmp_path) == [str(os.getpid())]
+
+
+def test_model_stages_write_the_same_outputs_through_a_worker(tmp_path, monkeypatch):
+    """The real features and SS-latent services: through one worker (one model load for two
+    assets) and in-process, the outputs are equal."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from features_fixtures import write_synthetic_asset
+    from latents_fixtures import TINY_SS_ARGS
+    from slatflow.feature_settings import FeatureSettings
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    sockets = Path(tempfile.mkdtemp(prefix="sfw", dir="/tmp"))
+    through_worker = WorkerSettings(socket_dir=str(sockets), idle_timeout_s=60)
+    in_process = WorkerSettings(enabled=False)
+    shas = ["1" * 64, "2" * 64]
+    inputs = {sha: write_synthetic_asset(tmp_path, sha, num_views=3, resolution=64) for sha in shas}
+    stages = {
+        "features": (
+            asdict(FeatureSettings(model="dinov2_vits14_reg", weights="random", image_size=56, device="cpu", decode_workers=1)),
+            lambda sha, out: {"sha256": sha, "render_dir": str(inputs[sha][0]), "voxels": str(inputs[sha][1]), "output": out},
+        ),
+        "ss_latent": (
+            {"latents": {"ss_encoder": "random", "random_ss_args": TINY_SS_ARGS, "device": "cpu"}, "threads": 1},
+            lambda sha, out: {"sha256": sha, "source": str(inputs[sha][1]), "output": out},
+        ),
+    }
+    try:
+        for stage, (settings, make_request) in stages.items():
+            spec = WorkerSpec(stage, settings)
+            for sha in shas:
+                for mode, worker_settings in (("worker", through_worker), ("inproc", in_process)):
+                    out = str(tmp_path / stage / mode / f"{sha}.npz")
+                    run_request(spec, make_request(sha, out), worker_settings, tmp_path / "logs")
+            for sha in shas:
+                with np.load(tmp_path / stage / "worker" / f"{sha}.npz") as a, np.load(
+                    tmp_path / stage / "inproc" / f"{sha}.npz"
+                ) as b:
+                    assert sorted(a.files) == sorted(b.files)
+                    for key in a.files:
+                        assert np.array_equal(a[key], b[key]), (stage, key)
+        worker_logs = {p.name.split("-")[0]: p.read_text() for p in (tmp_path / "logs").glob("*.log")}
+        assert set(worker_logs) == {"features", "ss_latent"}
+        assert worker_logs["features"].count("RANDOM WEIGHTS") >= 1
+        assert worker_logs["ss_latent"].count("on cpu, torso") == 1, "placed once for both assets"
+        assert worker_logs["ss_latent"].count("ready on") == 1
+    finally:
+        stop_workers(sockets)
