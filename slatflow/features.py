@@ -47,6 +47,7 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
 )
 from slatflow.io import save_npz_atomic, write_json_atomic
 from slatflow.logs import warn_random_weights
+from slatflow.precision import exact_fp32
 
 if TYPE_CHECKING:
     import torch
@@ -580,8 +581,10 @@ class FeatureExtractor:
         rgba = rgba.to(self.device, non_blocking=True)
         rgba = lanczos_resize_rgba(rgba, self.settings.image_size)  # (B, S, S, 4)
         pixels = self._normalize(rgba)
-        with torch.autocast(self.device.type, dtype=self.compute_dtype,
-                            enabled=self.compute_dtype != torch.float32):
+        with (
+            torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32),
+            exact_fp32(self.device, self.compute_dtype),  # float32 on CUDA means no TF32
+        ):
             maps = prenorm_patch_tokens(self.model, pixels)
         return maps.float()
 

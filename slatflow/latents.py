@@ -18,7 +18,6 @@ convolutions never mix assets), and return the assets that failed, each with its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -34,6 +33,7 @@ import numpy as np
 from slatflow.errors import AssetError, ConfigError
 from slatflow.io import save_npz_atomic, write_json_atomic
 from slatflow.logs import warn_random_weights
+from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests and benchmarks
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
 from slatflow.models.names import DEFAULT_SPECS, RANDOM_SPEC, EncoderKind, encoder_name, random_config
 from slatflow.quarantine import record_failure
@@ -312,23 +312,6 @@ def place_encoder(encoder: LoadedEncoder, device: "torch.device", dtype: "torch.
         model = copy.deepcopy(model).to(device)
         model.set_torso_dtype(dtype)
     return model.eval()
-
-
-@contextlib.contextmanager
-def exact_fp32(device: "torch.device", dtype: "torch.dtype") -> Iterator[None]:
-    """With an fp32 torso on CUDA, turn off TF32 (cuDNN convs default to it) for true fp32."""
-    import torch
-
-    if device.type != "cuda" or dtype != torch.float32:
-        yield
-        return
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 # --- the batch loop ------------------------------------------------------------------------

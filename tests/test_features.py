@@ -538,7 +538,7 @@ def test_gpu_fp32_equals_trellis_and_bf16_is_close(tmp_path, official_tiny):
     job = FeatureJob(SHA_A, render_dir, voxels)
     [fp32] = run_with_deadline(tiny_extractor(tiny_loaded, device="cuda", dtype="float32"), [job])
     [bf16] = run_with_deadline(tiny_extractor(tiny_loaded, device="cuda"), [job])
-    assert np.abs(fp32.features.mean - ref_mean).max() <= 1e-3  # cuDNN may run the patch conv in TF32
+    assert np.abs(fp32.features.mean - ref_mean).max() <= 1e-4  # float32 on CUDA runs without TF32
     a, b = bf16.features.mean, fp32.features.mean
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert np.median(cosine) >= 0.999
