@@ -24,6 +24,7 @@ rule all:
     input:
         get_all_targets,
         out("metadata.csv"),
+        out("report/quality_report.html"),
 
 
 include: "rules/ingest.smk"

@@ -63,7 +63,7 @@ def get_source_file(wildcards):
     paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
     if wildcards.sha256 not in paths:
         raise WorkflowError(f"asset {wildcards.sha256} is not in {manifest}")
-    return out(paths[wildcards.sha256])
+    return os.path.normpath(out(paths[wildcards.sha256]))  # OUT/../src/a.glb -> src/a.glb
 
 
 def stage_target_files(name):

@@ -270,12 +270,12 @@ def _stage_counts(metadata, out_dir: Path, failures) -> list[tuple[str, int, int
 
 def read_benchmarks(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Seconds per job of each rule, from Snakemake's `benchmark:` files
-    (OUT/benchmarks/<rule>/*.tsv, column `s`)."""
+    (OUT/benchmarks/<rule>/[<model>/]<sha256>.tsv, column `s`)."""
     root = Path(out_dir) / "benchmarks"
     seconds: dict[str, list[float]] = {}
     if not root.is_dir():
         return {}
-    for path in sorted(root.glob("*/*.tsv")):
+    for path in sorted(root.rglob("*.tsv")):
         try:
             lines = path.read_text().splitlines()
             column = lines[0].split("\t").index("s")
@@ -283,7 +283,8 @@ def read_benchmarks(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         except (OSError, ValueError, IndexError) as exc:
             logger.warning("unreadable benchmark file %s: %s", path, exc)
             continue
-        seconds.setdefault(path.parent.name, []).extend(values)
+        rule = path.relative_to(root).parts[0]  # model stages keep a folder per model below it
+        seconds.setdefault(rule, []).extend(values)
     return {rule: np.asarray(values) for rule, values in seconds.items()}
 
 

@@ -154,3 +154,13 @@ def test_report_renders_in_headless_chromium(report_html, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (2400, 1280)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # text, histograms, previews
+
+
+def test_benchmarks_of_model_stages_are_read_from_their_model_folders(tmp_path):
+    for rule, sub, s in (("extract_mesh", "", 1.5), ("extract_features", "dinov2_vitl14_reg", 2.0)):
+        path = tmp_path / "benchmarks" / rule / sub / f"{GOOD}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"s\th:m:s\n{s}\t0:00:01\n")
+    seconds = report.read_benchmarks(tmp_path)
+    assert set(seconds) == {"extract_mesh", "extract_features"}
+    assert seconds["extract_features"].tolist() == [2.0]
