@@ -1,4 +1,5 @@
 # Path plumbing shared by the rule files; the logic lives in the slatflow package.
+import collections
 import functools
 import os
 
@@ -24,13 +25,15 @@ def out(path):
     return f"{OUT}/{path}"
 
 
-# Per-asset output patterns of each stage target, as each stage's .smk registers them:
-# name -> (patterns with {sha256}, whether `all` includes them).
+# The stage targets, as each stage's .smk registers them: name -> StageTarget.
+StageTarget = collections.namedtuple("StageTarget", "patterns in_all after")
 STAGE_TARGETS = {}
 
 
-def register_stage_target(name, *patterns, in_all=True):
-    STAGE_TARGETS[name] = (patterns, in_all)
+def register_stage_target(name, *patterns, in_all=True, after=()):
+    """A target of per-asset outputs (patterns with {sha256}); `after` names the targets
+    whose outputs it is built from, so metadata.csv waits for those too."""
+    STAGE_TARGETS[name] = StageTarget(patterns, in_all, tuple(after))
 
 
 def get_source_csv(wildcards):
@@ -63,12 +66,13 @@ def get_source_file(wildcards):
     paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
     if wildcards.sha256 not in paths:
         raise WorkflowError(f"asset {wildcards.sha256} is not in {manifest}")
-    return os.path.normpath(out(paths[wildcards.sha256]))  # OUT/../src/a.glb -> src/a.glb
+    return os.path.normpath(
+        out(paths[wildcards.sha256])
+    )  # OUT/../src/a.glb -> src/a.glb
 
 
 def stage_target_files(name):
-    patterns, _ = STAGE_TARGETS[name]
-    return expand(patterns, sha256=included_sha256s())
+    return expand(STAGE_TARGETS[name].patterns, sha256=included_sha256s())
 
 
 def get_stage_targets(name):
@@ -81,18 +85,27 @@ def get_stage_targets(name):
 def get_all_targets(wildcards):
     return [
         f
-        for name, (_, in_all) in STAGE_TARGETS.items()
-        if in_all
+        for name, target in STAGE_TARGETS.items()
+        if target.in_all
         for f in stage_target_files(name)
     ]
 
 
 def requested_stage_targets():
-    """The stage targets named on the command line; all of `all`'s when none is named."""
-    targets = set(workflow.dag_settings.targets)
-    if not targets or "all" in targets:
-        return {name for name, (_, in_all) in STAGE_TARGETS.items() if in_all}
-    return targets & STAGE_TARGETS.keys()
+    """The stage targets this run makes: those named on the command line (all of `all`'s
+    when none is), and the targets they are built after."""
+    named = set(workflow.dag_settings.targets)
+    if not named or "all" in named:
+        requested = {name for name, target in STAGE_TARGETS.items() if target.in_all}
+    else:
+        requested = named & STAGE_TARGETS.keys()
+    pending = list(requested)
+    while pending:
+        for name in STAGE_TARGETS[pending.pop()].after:
+            if name not in requested:
+                requested.add(name)
+                pending.append(name)
+    return requested
 
 
 def get_metadata_inputs(wildcards):
@@ -101,8 +114,8 @@ def get_metadata_inputs(wildcards):
     """
     requested = requested_stage_targets()
     files = []
-    for name, (patterns, _) in STAGE_TARGETS.items():
-        for f in expand(patterns, sha256=included_sha256s()):
+    for name, target in STAGE_TARGETS.items():
+        for f in expand(target.patterns, sha256=included_sha256s()):
             if name in requested or os.path.exists(f):
                 files.append(f)
     return files

@@ -3,7 +3,11 @@
 # the logic in slatflow/features.py.
 
 
-register_stage_target("features", out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"))
+register_stage_target(
+    "features",
+    out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"),
+    after=["renders", "voxels"],
+)
 
 
 rule extract_features:

@@ -4,11 +4,18 @@
 # slatflow/geometry.py, slatflow/quality.py and slatflow/report.py.
 
 
-register_stage_target("meshes", out("meshes/{sha256}.ply"))
+register_stage_target("meshes", out("meshes/{sha256}.ply"), after=["renders"])
 register_stage_target(
-    "sdf", out("sdf/{sha256}.npz"), in_all=config["meshes"]["sdf"]["enabled"]
+    "sdf",
+    out("sdf/{sha256}.npz"),
+    in_all=config["meshes"]["sdf"]["enabled"],
+    after=["meshes"],
 )
-register_stage_target("quality", out("quality/{sha256}.json"))
+register_stage_target(
+    "quality", out("quality/{sha256}.json"), after=["renders", "voxels", "meshes"]
+)
+# the report is built from metadata.csv: it names no files of its own
+register_stage_target("report", in_all=False, after=["quality"])
 
 
 rule extract_mesh:

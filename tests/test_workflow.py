@@ -66,3 +66,38 @@ def test_user_config_is_merged_over_the_defaults(small_assets, tmp_path):
     result = run_workflow(config, ["metadata"], "-n", "--printshellcmds", config_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert str(tmp_path / "out" / "manifest.csv") in result.stdout + result.stderr
+
+
+FAST_RENDER = {"num_views": 2, "resolution": 32, "samples": 1, "denoise": False, "threads": 1}
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The dry-run's job table: rule -> count."""
+    table, counts = False, {}
+    for line in output.splitlines():
+        if line.startswith("job "):
+            table = True
+        elif table and line.strip() and not line.startswith("-"):
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                break
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_deleting_one_assets_output_reruns_that_asset_only(small_assets, tmp_path):
+    config = local_config(tmp_path, render=FAST_RENDER)
+    first = run_workflow(config, ["voxels"], config_dir=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    voxels = sorted((tmp_path / "out" / "voxels").glob("*.ply"))
+    assert len(voxels) == 3
+    unchanged = run_workflow(config, ["voxels"], "-n", config_dir=tmp_path)
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+    voxels[0].unlink()
+    plan = run_workflow(config, ["voxels"], "-n", config_dir=tmp_path)
+    counts = job_counts(plan.stdout)
+    assert counts == {"voxelize_mesh": 1, "metadata_aggregate": 1, "voxels": 1, "total": 3}, plan.stdout
+    assert voxels[0].stem in plan.stdout
+    rerun = run_workflow(config, ["voxels"], config_dir=tmp_path)
+    assert rerun.returncode == 0 and voxels[0].exists()
