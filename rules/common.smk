@@ -32,7 +32,7 @@ STAGE_TARGETS = {}
 
 def register_stage_target(name, *patterns, in_all=True, after=()):
     """A target of per-asset outputs (patterns with {sha256}); `after` names the targets
-    whose outputs it is built from, so metadata.csv waits for those too."""
+    whose outputs it is built from (see get_metadata_inputs)."""
     STAGE_TARGETS[name] = StageTarget(patterns, in_all, tuple(after))
 
 
@@ -92,29 +92,36 @@ def get_all_targets(wildcards):
 
 
 def requested_stage_targets():
-    """The stage targets this run makes: those named on the command line (all of `all`'s
-    when none is), and the targets they are built after."""
+    """The stage targets named on the command line (all of `all`'s when none is)."""
     named = set(workflow.dag_settings.targets)
     if not named or "all" in named:
-        requested = {name for name, target in STAGE_TARGETS.items() if target.in_all}
-    else:
-        requested = named & STAGE_TARGETS.keys()
-    pending = list(requested)
+        return {name for name, target in STAGE_TARGETS.items() if target.in_all}
+    return named & STAGE_TARGETS.keys()
+
+
+def upstream_stage_targets(requested):
+    """The targets the requested ones are built after, transitively."""
+    upstream, pending = set(), list(requested)
     while pending:
         for name in STAGE_TARGETS[pending.pop()].after:
-            if name not in requested:
-                requested.add(name)
+            if name not in upstream:
+                upstream.add(name)
                 pending.append(name)
-    return requested
+    return upstream - requested
 
 
 def get_metadata_inputs(wildcards):
-    """What metadata.csv is derived from: the requested stages' outputs (so it is built
-    after them) and every other stage output already on disk (so it changes with them).
-    """
+    """What metadata.csv is derived from: the requested targets' outputs (so it is built
+    after them), and the outputs already on disk of every stage this run does not touch
+    (so it changes with them). Upstream targets are left out: this run makes or keeps them
+    before the requested outputs, and listing them would make it re-render assets whose
+    renders were deleted, or change this list between the first run and the next."""
     requested = requested_stage_targets()
+    upstream = upstream_stage_targets(requested)
     files = []
     for name, target in STAGE_TARGETS.items():
+        if name in upstream:
+            continue
         for f in expand(target.patterns, sha256=included_sha256s()):
             if name in requested or os.path.exists(f):
                 files.append(f)

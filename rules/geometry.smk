@@ -14,8 +14,10 @@ register_stage_target(
 register_stage_target(
     "quality", out("quality/{sha256}.json"), after=["renders", "voxels", "meshes"]
 )
-# the report is built from metadata.csv: it names no files of its own
-register_stage_target("report", in_all=False, after=["quality"])
+# The report reads metadata.csv, which must include the quality records it waits for.
+register_stage_target(
+    "report", out("quality/{sha256}.json"), in_all=False, after=["quality"]
+)
 
 
 rule extract_mesh:

@@ -101,3 +101,11 @@ def test_deleting_one_assets_output_reruns_that_asset_only(small_assets, tmp_pat
     assert voxels[0].stem in plan.stdout
     rerun = run_workflow(config, ["voxels"], config_dir=tmp_path)
     assert rerun.returncode == 0 and voxels[0].exists()
+
+    # Renders deleted to save space (they are the largest output) are not made again for a
+    # downstream target whose outputs are there.
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "renders")
+    after_cleanup = run_workflow(config, ["voxels"], "-n", config_dir=tmp_path)
+    assert "render_views" not in after_cleanup.stdout, after_cleanup.stdout
