@@ -49,10 +49,20 @@ def run_workflow(
     )
     # targets first: --configfile takes every following word as another config file
     cmd = SNAKEMAKE + [*targets, "--configfile", str(configfile), *args]
+    # A session of its own: on a timeout the whole run (jobs, Blender) is killed, not just
+    # snakemake, whose jobs would otherwise render on as orphans.
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
     finally:
         stop_workers(worker_dir)
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def stop_workers(worker_dir: Path) -> None:
