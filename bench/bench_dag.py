@@ -47,7 +47,7 @@ def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
 
 
 def first_job_rule(dry_run_output: str) -> str:
-    """A per-asset rule of the dry-run's job table (the one with the most jobs)."""
+    """A per-asset rule of the dry-run's job table (one with the most jobs)."""
     rows = []
     for line in dry_run_output.splitlines():
         parts = line.split()
@@ -72,7 +72,8 @@ def bench_size(work: Path, count: int) -> dict:
     wall, rss, dry = timed(SNAKEMAKE + ["all", "-n", "-q", "rules", *base])
     if dry.returncode != 0:
         raise RuntimeError(dry.stdout[-3000:] + dry.stderr[-3000:])
-    jobs = sum(int(p[1]) for p in (l.split() for l in dry.stdout.splitlines()) if len(p) == 2 and p[0] == "total")
+    totals = [int(p[1]) for p in (line.split() for line in dry.stdout.splitlines()) if len(p) == 2 and p[0] == "total"]
+    jobs = totals[0]  # the dry-run prints its job table twice
 
     rule = first_job_rule(dry.stdout)
     sha = pd.read_csv(root / "out" / "manifest.csv", usecols=["sha256"])["sha256"].iloc[0]
