@@ -96,7 +96,15 @@ def requested_stage_targets():
     named = set(workflow.dag_settings.targets)
     if not named or "all" in named:
         return {name for name, target in STAGE_TARGETS.items() if target.in_all}
-    return named & STAGE_TARGETS.keys()
+    requested = named & STAGE_TARGETS.keys()
+    for name in list(requested):
+        if not STAGE_TARGETS[
+            name
+        ].patterns:  # a target of no files of its own (the report)
+            requested |= set(
+                STAGE_TARGETS[name].after
+            )  # makes the targets it is built after
+    return requested
 
 
 def upstream_stage_targets(requested):
@@ -125,7 +133,7 @@ def get_metadata_inputs(wildcards):
         for f in expand(target.patterns, sha256=included_sha256s()):
             if name in requested or os.path.exists(f):
                 files.append(f)
-    return files
+    return list(dict.fromkeys(files))  # once each (latent_stats' file has no {sha256})
 
 
 # --- render

@@ -109,3 +109,37 @@ def test_deleting_one_assets_output_reruns_that_asset_only(small_assets, tmp_pat
     shutil.rmtree(tmp_path / "out" / "renders")
     after_cleanup = run_workflow(config, ["voxels"], "-n", config_dir=tmp_path)
     assert "render_views" not in after_cleanup.stdout, after_cleanup.stdout
+
+
+LIGHT_STAGES = {
+    "render": FAST_RENDER,
+    "features": {"model": "dinov2_vits14_reg", "weights": "random", "image_size": 56, "batch_size": 2, "threads": 1},
+    "latents": {
+        "ss_encoder": "random",
+        "slat_encoder": "random",
+        "random_ss_args": {"channels": [8, 16, 32], "num_res_blocks": 1, "num_res_blocks_middle": 1},
+        "random_slat_args": {"in_channels": 384, "model_channels": 64, "num_blocks": 2, "num_heads": 4},
+        "threads": 1,
+    },
+    "meshes": {"resolution": 32},
+    "quality": {"num_samples": 2000, "num_previews": 2},
+}
+
+
+def test_all_then_nothing_to_do(small_assets, tmp_path):
+    """Every stage on three tiny assets, then the same command plans no job at all."""
+    config = local_config(tmp_path, **LIGHT_STAGES)
+    first = run_workflow(config, [], config_dir=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "report" / "quality_report.html").is_file()
+    table = pd.read_csv(out / "metadata.csv")
+    assert len(table) == 3 and table["rendered"].all() and table["voxelized"].all()
+    assert table.filter(like="latent_").iloc[:, 0].all() and table["mesh_fscore"].notna().all()
+    second = run_workflow(config, [], "-n", config_dir=tmp_path)
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr, job_counts(second.stdout)
+    # Another target summarizes another set of outputs: metadata and the report are rebuilt
+    # (seconds), no asset's stage runs again.
+    report = run_workflow(config, ["report"], "-n", config_dir=tmp_path)
+    assert set(job_counts(report.stdout)) <= {"metadata_aggregate", "quality_report", "report", "total"}
