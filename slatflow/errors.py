@@ -27,3 +27,20 @@ class AssetError(Exception):
 
 class ConfigError(Exception):
     """A configuration value that is wrong for the whole run (not one asset)."""
+
+
+class DownloadError(Exception):
+    """A download that cannot succeed as asked (HTTP 404, a wrong hash, a missing archive member).
+
+    The message is one line naming the URL or member and the cause. Transient failures
+    (connection reset, HTTP 5xx, a stalled or truncated body) are retried inside the
+    download functions and only become a `DownloadError` when the retries are spent.
+    """
+
+
+class AccessDenied(DownloadError):
+    """HTTP 401/403: a missing token or a gated dataset; wrong for every asset of the host."""
+
+
+class HashMismatch(DownloadError):
+    """The bytes arrived complete but their sha256 is not the listed one."""
