@@ -297,3 +297,14 @@ def test_stalled_server_times_out(tmp_path, http_server):
         fetch_git_file(url, "3" * 40, "a.obj", tmp_path / "dest", timeout_s=1)
     assert time.monotonic() - start < 4
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]
+
+
+def test_server_without_filter_still_works_and_warns(origin, tmp_path, caplog):
+    """A server that does not allow filters gets a whole fetch of the commit, logged as a warning."""
+    bare = tmp_path / "nofilter.git"
+    shutil.copytree(Path(origin["url"].removeprefix("file://")), bare)
+    _git(bare, "config", "uploadpack.allowFilter", "false")
+    with caplog.at_level(logging.WARNING, logger="slatflow.git_fetch"):
+        written = fetch_git_file(bare.as_uri(), origin["first"], "scenes/car.bin", tmp_path / "dest")
+    assert written[0].read_bytes() == origin["files"]["scenes/car.bin"]
+    assert "filtering not recognized by server" in caplog.text
