@@ -59,10 +59,16 @@ class FixtureServer:
     Attributes:
         url: "http://127.0.0.1:PORT", without a trailing slash.
         requests: every request received, in arrival order.
+        peak_in_flight: the most requests in flight at once. A request counts from its
+            arrival until just before its last body slice is written, so a client that
+            starts its next request after reading a whole body never overlaps it.
     """
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
+        self.peak_in_flight = 0
+        self._in_flight = 0
+        self._redirects: dict[str, str] = {}
         self._resources: dict[str, _Resource] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()  # wakes stalled and throttled handlers at shutdown
@@ -129,6 +135,12 @@ class FixtureServer:
             resource.etag = etag or _default_etag(body)
             resource.last_modified = self._next_last_modified()
 
+    def add_redirect(self, path: str, location: str) -> str:
+        """Answer `path` with a 302 to `location` (a full URL, e.g. on another FixtureServer)."""
+        with self._lock:
+            self._redirects[path] = location
+        return self.url + path
+
     def add_faults(self, path: str, *faults: str) -> None:
         """Queue more faults for an existing path."""
         with self._lock:
@@ -159,9 +171,15 @@ class FixtureServer:
         self._modified_counter += 1
         return email.utils.formatdate(time.time() + self._modified_counter, usegmt=True)
 
-    def _record(self, request: Request) -> None:
+    def _arrive(self, request: Request) -> None:
         with self._lock:
             self.requests.append(request)
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _lookup(self, path: str) -> tuple[_Resource | None, bytes, str, str]:
         """The resource at `path` and a consistent snapshot of its body and validators."""
@@ -194,10 +212,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(send_body=True)
 
     def _answer(self, send_body: bool) -> None:
-        fixture = self.fixture
         headers = {k.lower(): v for k, v in self.headers.items()}
-        fixture._record(Request(self.command, self.path, headers))
         self.close_connection = True
+        self._in_flight = True
+        self.fixture._arrive(Request(self.command, self.path, headers))
+        try:
+            self._answer_recorded(headers, send_body)
+        finally:
+            self._left()
+
+    def _left(self) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self.fixture._leave()
+
+    def _answer_recorded(self, headers: dict[str, str], send_body: bool) -> None:
+        fixture = self.fixture
+        location = fixture._redirects.get(self.path)
+        if location is not None:
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         resource, body, etag, last_modified = fixture._lookup(self.path)
         if resource is None:
             return self._status(HTTPStatus.NOT_FOUND)
@@ -263,17 +300,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _send(self, payload: bytes, rate_bps: int | None) -> None:
+        step = len(payload) if rate_bps is None else max(1, int(rate_bps * _THROTTLE_TICK_S))
         try:
-            if rate_bps is None:
-                self.wfile.write(payload)
-                return
-            step = max(1, int(rate_bps * _THROTTLE_TICK_S))
             for i in range(0, len(payload), step):
+                if i:
+                    time.sleep(_THROTTLE_TICK_S)
                 if self.fixture._closing.is_set():
                     return
+                if i + step >= len(payload):
+                    self._left()  # before the last slice: see FixtureServer.peak_in_flight
                 self.wfile.write(payload[i : i + step])
-                self.wfile.flush()
-                time.sleep(_THROTTLE_TICK_S)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout, a killed process): not the server's error
 
