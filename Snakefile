@@ -29,6 +29,7 @@ rule all:
 
 include: "rules/ingest.smk"
 include: "rules/metadata.smk"
+include: "rules/download.smk"
 include: "rules/render.smk"
 include: "rules/voxelize.smk"
 include: "rules/geometry.smk"

@@ -31,13 +31,40 @@ STAGE_TARGETS = {}
 
 
 def register_stage_target(name, *patterns, in_all=True, after=()):
-    """A target of per-asset outputs (patterns with {sha256}); `after` names the targets
-    whose outputs it is built from (see get_metadata_inputs)."""
+    """A target of per-asset outputs (patterns with {sha256}, or functions of a sha256);
+    `after` names the targets whose outputs it is built from (see get_metadata_inputs).
+    """
     STAGE_TARGETS[name] = StageTarget(patterns, in_all, tuple(after))
 
 
-def get_source_csv(wildcards):
-    return config["source"]["path"] if config["source"]["type"] == "csv" else []
+def target_files(target, sha256s):
+    """A stage target's files for these assets."""
+    return [
+        pattern(sha) if callable(pattern) else pattern.format(sha256=sha)
+        for pattern in target.patterns
+        for sha in sha256s
+    ]
+
+
+def get_ingest_inputs(wildcards):
+    """The files ingest reads: a csv source's CSV, or TRELLIS-500K's subset CSVs (local
+    copies in source.path, else downloaded) and, for Sketchfab, objaverse's object paths.
+    """
+    source = config["source"]
+    if source["type"] == "csv":
+        return {"csv": source["path"]}
+    if source["type"] != "trellis500k":
+        return {}
+    folder = source.get("csv_dir")
+    inputs = {
+        "subset_csvs": [
+            f"{folder}/{subset}.csv" if folder else out(f"raw/trellis500k/{subset}.csv")
+            for subset in source["subsets"]
+        ]
+    }
+    if SKETCHFAB in source["subsets"]:
+        inputs["object_paths"] = out(f"raw/{SKETCHFAB}/{OBJECT_PATHS_FILE}")
+    return inputs
 
 
 def manifest_path():
@@ -61,18 +88,21 @@ def _source_paths(manifest, mtime_ns):
     return source_paths(manifest)
 
 
-def get_source_file(wildcards):
+def source_file(sha256):
+    """The asset's source file (OUT/local_path; a download's output for TRELLIS-500K)."""
     manifest = manifest_path()
     paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
-    if wildcards.sha256 not in paths:
-        raise WorkflowError(f"asset {wildcards.sha256} is not in {manifest}")
-    return os.path.normpath(
-        out(paths[wildcards.sha256])
-    )  # OUT/../src/a.glb -> src/a.glb
+    if sha256 not in paths:
+        raise WorkflowError(f"asset {sha256} is not in {manifest}")
+    return os.path.normpath(out(paths[sha256]))  # OUT/../src/a.glb -> src/a.glb
+
+
+def get_source_file(wildcards):
+    return source_file(wildcards.sha256)
 
 
 def stage_target_files(name):
-    return expand(STAGE_TARGETS[name].patterns, sha256=included_sha256s())
+    return target_files(STAGE_TARGETS[name], included_sha256s())
 
 
 def get_stage_targets(name):
@@ -130,10 +160,69 @@ def get_metadata_inputs(wildcards):
     for name, target in STAGE_TARGETS.items():
         if name in upstream:
             continue
-        for f in expand(target.patterns, sha256=included_sha256s()):
+        for f in target_files(target, included_sha256s()):
             if name in requested or os.path.exists(f):
                 files.append(f)
     return list(dict.fromkeys(files))  # once each (latent_stats' file has no {sha256})
+
+
+# --- download
+from slatflow.trellis500k import (
+    ABO,
+    HF_SUBSETS,
+    GITHUB,
+    OBJECT_PATHS_FILE,
+    SKETCHFAB,
+    SUBSETS,
+    DownloadSettings,
+    asset_sources,
+)
+
+DOWNLOAD = DownloadSettings.from_config(config["download"])
+# The ABO archive pass of this shard (shards sharing an output root pass separately).
+SHARD_INDEX, SHARD_COUNT = config["shard"].split("/")
+ABO_PASS_RECORD = out(f"raw/ABO/archive-pass-{SHARD_INDEX}of{SHARD_COUNT}.json")
+
+
+@functools.cache
+def _asset_sources(manifest, mtime_ns):
+    return asset_sources(manifest)
+
+
+def download_sources():
+    """sha256 -> AssetSource of this run's TRELLIS-500K assets."""
+    manifest = manifest_path()
+    return _asset_sources(manifest, os.stat(manifest).st_mtime_ns)
+
+
+def get_download_source(wildcards):
+    source = download_sources().get(wildcards.sha256)
+    if source is None or source.subset != wildcards.subset:
+        raise WorkflowError(
+            f"{out(f'raw/{wildcards.subset}/{wildcards.sha256}')} is no TRELLIS-500K asset of the manifest"
+        )
+    return source.as_params()
+
+
+def get_download_inputs(wildcards):
+    """ABO assets are taken from the archive pass (ancient: a later pass for new assets
+    must not re-download the ones already in place)."""
+    return {"abo_pass": ancient(ABO_PASS_RECORD)} if wildcards.subset == ABO else {}
+
+
+def abo_pass_sources():
+    """The ABO assets of this run (the archive pass's params: a new one re-runs it)."""
+    sources = download_sources()
+    return [
+        sources[sha].as_params()
+        for sha in included_sha256s()
+        if sha in sources and sources[sha].subset == ABO
+    ]
+
+
+def download_slot(*subsets):
+    """A resource of 1 for the downloads from these subsets' host (profiles cap them)."""
+    return lambda wildcards: int(wildcards.subset in subsets)
 
 
 # --- render

@@ -3,7 +3,7 @@ from slatflow.ingest import SourceConfig, source_fingerprint
 
 checkpoint ingest_manifest:
     input:
-        get_source_csv,
+        unpack(get_ingest_inputs),
     output:
         manifest=out("manifest.csv"),
     log:

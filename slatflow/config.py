@@ -48,11 +48,16 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
         except ConfigError as exc:
             problems.append(f"shard: {exc}")
     source = config.get("source")
-    if isinstance(source, dict) and isinstance(source.get("path"), str):
+    if isinstance(source, dict) and isinstance(source.get("path"), str) and source.get("type") != "trellis500k":
         path = Path(source["path"])
         if source.get("type", "local") == "local" and not path.is_dir():
             problems.append(f"source.path: {str(path)!r} is not a folder (source.type is local)")
         elif source.get("type") == "csv" and not path.is_file():
             problems.append(f"source.path: {str(path)!r} is not a file (source.type is csv)")
+    if isinstance(source, dict) and source.get("type") == "trellis500k" and source.get("csv_dir"):
+        folder = Path(source["csv_dir"])
+        for subset in source.get("subsets") or []:
+            if not (folder / f"{subset}.csv").is_file():
+                problems.append(f"source.csv_dir: {str(folder)!r} has no {subset}.csv (leave csv_dir empty to download it)")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,9 +1,11 @@
-"""Ingest: the manifest of assets from a source (a local folder or a TRELLIS-style CSV).
+"""Ingest: the manifest of assets from a source (a local folder, a TRELLIS-style CSV, or
+TRELLIS-500K subsets).
 
 The manifest (`OUT/manifest.csv`) has one row per asset, keyed by the sha256 of its
 source file's bytes, with TRELLIS's source columns (`sha256`, `file_identifier`,
 `aesthetic_score`, `captions`) and `local_path` (relative to OUT), plus `size` and
-`mtime_ns` so that the next ingest reuses the hashes of unchanged files.
+`mtime_ns` so that the next ingest reuses the hashes of unchanged files, and for
+TRELLIS-500K the `subset` and `source_ref` the download stage fetches it by.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ COMPANION_EXTENSIONS = frozenset(
 )
 
 SOURCE_COLUMNS = ["sha256", "file_identifier", "aesthetic_score", "captions"]
-MANIFEST_COLUMNS = SOURCE_COLUMNS + ["local_path", "size", "mtime_ns"]
+MANIFEST_COLUMNS = SOURCE_COLUMNS + ["local_path", "size", "mtime_ns", "subset", "source_ref"]
 
 _HASH_CHUNK = 1 << 20
 
@@ -45,23 +47,25 @@ _HASH_CHUNK = 1 << 20
 class SourceConfig:
     """The `source:` section of the config (validated by the schema before it gets here)."""
 
-    type: Literal["local", "csv"]
-    path: str
+    type: Literal["local", "csv", "trellis500k"]
+    path: str = ""  # trellis500k: an optional folder holding the subset CSVs
     path_column: str = "local_path"
     min_aesthetic_score: float | None = None
     instances: tuple[str, ...] | None = None
     verify_sha256: bool = True
+    subsets: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, section: dict) -> "SourceConfig":
         instances = section.get("instances")
         return cls(
             type=section["type"],
-            path=section["path"],
+            path=section.get("path", ""),
             path_column=section.get("path_column", "local_path"),
             min_aesthetic_score=section.get("min_aesthetic_score"),
             instances=tuple(_read_instances(instances)) if instances is not None else None,
             verify_sha256=section.get("verify_sha256", True),
+            subsets=tuple(section.get("subsets", ())),
         )
 
 
@@ -92,7 +96,7 @@ def source_fingerprint(source: SourceConfig) -> str:
             for file in sorted(_walk_files(path)):
                 st = file.stat()
                 digest.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    elif path.is_file():
+    elif source.type == "csv" and path.is_file():
         st = path.stat()
         digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -176,6 +180,8 @@ def scan_local_folder(
                 "local_path": Path(os.path.relpath(path.absolute(), out_dir)).as_posix(),
                 "size": size,
                 "mtime_ns": mtime_ns,
+                "subset": "",
+                "source_ref": "",
             }
         )
     if other_extensions:
@@ -274,6 +280,8 @@ def read_csv_source(
                 "local_path": local_path,
                 "size": size,
                 "mtime_ns": mtime_ns,
+                "subset": "",
+                "source_ref": "",
                 "problem": problem,
             }
         )
@@ -315,9 +323,20 @@ def filter_assets(manifest: pd.DataFrame, source: SourceConfig) -> pd.DataFrame:
 
 
 def build_manifest(
-    source: SourceConfig, out_dir: str | os.PathLike, manifest_path: str | os.PathLike, log_path: str = ""
+    source: SourceConfig,
+    out_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    log_path: str = "",
+    subset_csvs: dict[str, str] | None = None,
+    object_paths: str | None = None,
+    download: dict | None = None,
 ) -> pd.DataFrame:
     """Scan the source, filter it, quarantine unusable rows, and write the manifest atomically.
+
+    Args:
+        subset_csvs, object_paths: trellis500k only; each subset's CSV (subset -> path) and
+            allenai/objaverse's object-paths.json.gz, as the download rules fetched them.
+        download: trellis500k only; the config's `download:` section.
 
     Returns:
         The manifest as written (assets with a problem included, so metadata shows them).
@@ -328,11 +347,19 @@ def build_manifest(
     if source.type == "local":
         manifest = scan_local_folder(source.path, out_dir, previous)
         manifest["problem"] = ""
-    else:
+    elif source.type == "csv":
         manifest = read_csv_source(source.path, out_dir, source.path_column, source.verify_sha256, previous)
+    else:
+        from slatflow import trellis500k
+
+        manifest = trellis500k.trellis500k_manifest(subset_csvs or {}, out_dir, object_paths)
     manifest = filter_assets(manifest, source)
     if manifest.empty:
-        raise ConfigError(f"no assets left from {source.path!r} after the filters")
+        raise ConfigError(f"no assets left from {source.path or ', '.join(source.subsets)!r} after the filters")
+    if source.type == "trellis500k":
+        settings = trellis500k.DownloadSettings.from_config(download or {})
+        trellis500k.check_user_archives(set(manifest["subset"]), settings, out_dir)
+        trellis500k.check_hssd_token(manifest, out_dir)
     for sha, problem in manifest[["sha256", "problem"]].itertuples(index=False):
         if problem:
             record_failure(out_dir, STAGE, sha, problem, log_path)
@@ -342,7 +369,7 @@ def build_manifest(
     manifest = manifest[MANIFEST_COLUMNS].sort_values("sha256")
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)
-    logger.info("manifest: %d assets from %s source %s", len(manifest), source.type, source.path)
+    logger.info("manifest: %d assets from %s source %s", len(manifest), source.type, source.path or source.subsets)
     return manifest
 
 

@@ -113,7 +113,7 @@ def stage_columns(out_dir: Path, index: pd.Index, models: ModelNames) -> pd.Data
 
 
 # Pipeline order: an asset that failed in several stages shows the earliest (the cause).
-STAGE_ORDER = ["ingest", "render", "render_cond", "voxelize", "features", "ss_latent", "slat_latent", "meshes", "sdf", "quality"]
+STAGE_ORDER = ["ingest", "download", "render", "render_cond", "voxelize", "features", "ss_latent", "slat_latent", "meshes", "sdf", "quality"]
 
 
 def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:
@@ -169,6 +169,9 @@ def build_metadata(out_dir: str | os.PathLike, manifest_path: str | os.PathLike,
     manifest = pd.read_csv(manifest_path, dtype={"sha256": str}, keep_default_na=True)
     manifest = manifest.set_index("sha256")
     table = manifest[SOURCE_COLUMNS[1:] + ["local_path"]].copy()
+    # as TRELLIS: local_path only for assets whose file is there (downloads may be pending)
+    present = [isinstance(p, str) and (out_dir / p).is_file() for p in table["local_path"]]
+    table["local_path"] = table["local_path"].where(present)
     parts = [table, stage_columns(out_dir, table.index, models)]
     parts += [source(out_dir, table.index) for source in COLUMN_SOURCES]
     parts.append(failure_columns(out_dir, table.index))
