@@ -30,10 +30,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ContextManager, Iterator, Mapping, NamedTuple, Sequence
+from typing import BinaryIO, NamedTuple
 
 from slatflow.errors import AccessDenied, DownloadError, HashMismatch
 from slatflow.ingest import sha256_of_file
@@ -162,7 +163,7 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     there (requests behaves the same way), and some CDNs reject a second credential.
     """
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's API)
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and _host(newurl) != _host(req.full_url):
             new.remove_header("Authorization")
@@ -239,7 +240,10 @@ def _classify_http_error(
     what = f"HTTP {err.code} {err.reason}"
     if err.code in (401, 403):
         if sent_token:
-            hint = "the token was refused (expired, or a gated dataset whose terms this account has not accepted)"
+            hint = (
+                "the token was refused (expired, or a gated dataset whose terms "
+                "this account has not accepted)"
+            )
         else:
             hint = "no token was sent and this resource needs one"
         return AccessDenied(f"{what}: {url}: {hint}")
@@ -265,9 +269,9 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-    """"bytes START-END/TOTAL" -> (START, TOTAL); TOTAL "*" -> None."""
+    """ "bytes START-END/TOTAL" -> (START, TOTAL); TOTAL "*" -> None."""
     try:
-        unit, _, spec = (value or "").partition(" ")
+        _, _, spec = (value or "").partition(" ")
         span, _, total = spec.partition("/")
         start = int(span.partition("-")[0])
         return start, (int(total) if total.strip().isdigit() else None)
@@ -294,13 +298,19 @@ class _Retrier:
         """Wait before a retry, or raise DownloadError when the policy's attempts are spent."""
         if self.last is not None:
             if self.attempts >= self.policy.attempts:
+                plural = "s" if self.attempts > 1 else ""
                 raise DownloadError(
-                    f"{self.url}: gave up after {self.attempts} attempts; last error: {self.last.cause}"
+                    f"{self.url}: gave up after {self.attempts} attempt{plural}; "
+                    f"last error: {self.last.cause}"
                 )
             wait_s = _backoff_s(self.attempts, self.policy, self.last.retry_after)
             log.warning(
                 "%s: %s; retry %d of %d in %.2f s",
-                self.url, self.last.cause, self.attempts, self.policy.attempts - 1, wait_s,
+                self.url,
+                self.last.cause,
+                self.attempts,
+                self.policy.attempts - 1,
+                wait_s,
             )
             time.sleep(wait_s)
         self.attempts += 1
@@ -338,7 +348,11 @@ class _Progress:
         if self.total:
             log.info(
                 "%s: %.1f of %.1f MB (%.0f%%) at %.2f MB/s",
-                self.url, self.done / _MB, self.total / _MB, 100 * self.done / self.total, rate,
+                self.url,
+                self.done / _MB,
+                self.total / _MB,
+                100 * self.done / self.total,
+                rate,
             )
         else:
             log.info("%s: %.1f MB at %.2f MB/s", self.url, self.done / _MB, rate)
@@ -515,7 +529,12 @@ def download_file(
     seconds = time.monotonic() - started
     log.info(
         "%s: %d bytes to %s in %.2f s (resumed from byte %d, %d attempt(s))",
-        url, part.size, dest, seconds, resumed_from, retrier.attempts,
+        url,
+        part.size,
+        dest,
+        seconds,
+        resumed_from,
+        retrier.attempts,
     )
     return Transfer(url, dest, part.size, actual, resumed_from, retrier.attempts, seconds)
 
@@ -529,7 +548,9 @@ def _fetch_once(
         if part.size and response.start == 0:
             log.info(
                 "%s: the server sent the whole file instead of bytes %d- (changed, or no ranges); "
-                "starting again from 0", url, part.size,
+                "starting again from 0",
+                url,
+                part.size,
             )
             part.restart()
         if part.size == 0:
@@ -606,7 +627,7 @@ def open_stream(
     offset: int = 0,
     headers: Mapping[str, str] | None = None,
     policy: RetryPolicy = RetryPolicy(),
-) -> ContextManager[BinaryIO]:
+) -> contextlib.AbstractContextManager[BinaryIO]:
     """Open a read-only binary stream over a resource from `offset`, for one sequential pass.
 
     An http(s) stream reconnects on a transient error with `Range: bytes=<pos>-` and
@@ -682,7 +703,7 @@ class _HttpStream(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001 (any writable buffer)
+    def readinto(self, buffer) -> int:
         """Fill `buffer` as far as the body goes; 0 only at the end of the resource."""
         view = memoryview(buffer).cast("B")
         filled = 0
@@ -723,14 +744,18 @@ class _HttpStream(io.RawIOBase):
         while True:
             self._retrier.next_attempt()
             try:
-                response = _connect(self.url, self._headers, self._pos, self._validator, self._policy.timeout_s)
+                response = _connect(
+                    self.url, self._headers, self._pos, self._validator, self._policy.timeout_s
+                )
             except _TransientError as err:
                 self._retrier.failed(err)
                 continue
             break
         if response.start != self._pos:
             response.body.close()
-            why = "ignores Range requests" if self._first else "cannot resume (the file changed, or no ranges)"
+            why = (
+                "ignores Range requests" if self._first else "cannot resume (the file changed, or no ranges)"
+            )
             raise DownloadError(f"{self.url}: asked for bytes {self._pos}-, the server {why}")
         if self._first:
             self.total, self.etag, self._validator = response.total, response.etag, response.validator

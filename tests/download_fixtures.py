@@ -18,10 +18,11 @@ import hashlib
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import pytest
 
@@ -198,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
     fixture: FixtureServer  # set on the per-server subclass
     protocol_version = "HTTP/1.1"  # Content-Length is honoured; every answer closes the connection
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass  # the request list is the log; stderr noise would bury pytest's output
 
     def end_headers(self) -> None:
@@ -315,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """"bytes=N-" or "bytes=N-M" -> [start, end) within `size`; None if not satisfiable."""
+    """ "bytes=N-" or "bytes=N-M" -> [start, end) within `size`; None if not satisfiable."""
     unit, _, spec = header.partition("=")
     first, _, last = spec.strip().partition("-")
     if unit.strip() != "bytes" or "," in spec or not first.isdigit():

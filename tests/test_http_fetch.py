@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from download_fixtures import FixtureServer, fixture_server  # noqa: F401 (pytest fixture)
+from download_fixtures import FixtureServer, fixture_server  # noqa: F401 - a fixture
 
 from slatflow.errors import AccessDenied, DownloadError, HashMismatch
 from slatflow.http_fetch import (
@@ -84,7 +84,9 @@ def test_500_then_success(fixture_server: FixtureServer, tmp_path: Path):
 def test_503_twice_and_429_then_ok(fixture_server: FixtureServer, tmp_path: Path):
     body = payload(10_000)
     url = fixture_server.add("/x.bin", body, faults=["503", "429", "503", "reset"])
-    transfer = download_file(url, tmp_path / "x.bin", sha256=sha(body), policy=RetryPolicy(5, 0.01, 0.05, 0.5))
+    transfer = download_file(
+        url, tmp_path / "x.bin", sha256=sha(body), policy=RetryPolicy(5, 0.01, 0.05, 0.5)
+    )
     assert transfer.attempts == 5
     assert (tmp_path / "x.bin").read_bytes() == body
 
@@ -123,7 +125,9 @@ def test_wrong_hash_leaves_nothing(fixture_server: FixtureServer, tmp_path: Path
     url = fixture_server.add("/h.bin", body)
     dest = tmp_path / "h.bin"
     wrong = "0" * 64
-    with pytest.raises(HashMismatch, match=rf"/h\.bin: sha256 {sha(body)} does not match the expected {wrong}"):
+    with pytest.raises(
+        HashMismatch, match=rf"/h\.bin: sha256 {sha(body)} does not match the expected {wrong}"
+    ):
         download_file(url, dest, sha256=wrong, policy=FAST)
     assert list(tmp_path.iterdir()) == []
     assert len(fixture_server.hits("/h.bin")) == 1  # a wrong file is not retried
@@ -174,7 +178,9 @@ def test_authorization_dropped_on_redirect_to_another_host(fixture_server: Fixtu
     with FixtureServer() as cdn:
         target = cdn.add("/blob", body)
         url = fixture_server.add_redirect("/resolve/x.glb", target)
-        download_file(url, tmp_path / "x.glb", sha256=sha(body), headers={"Authorization": "Bearer t"}, policy=FAST)
+        download_file(
+            url, tmp_path / "x.glb", sha256=sha(body), headers={"Authorization": "Bearer t"}, policy=FAST
+        )
         assert fixture_server.hits("/resolve/x.glb")[0].headers["authorization"] == "Bearer t"
         assert "authorization" not in cdn.hits("/blob")[0].headers
     assert (tmp_path / "x.glb").read_bytes() == body
@@ -185,7 +191,7 @@ def test_file_changed_between_attempts_restarts(fixture_server: FixtureServer, t
     url = fixture_server.add("/c.bin", old, faults=["truncate"])
     dest = tmp_path / "c.bin"
     # the first run breaks off halfway and gives up; then the file changes on the server
-    with pytest.raises(DownloadError, match="gave up after 1 attempts"):
+    with pytest.raises(DownloadError, match="gave up after 1 attempt;"):
         download_file(url, dest, policy=RetryPolicy(attempts=1, timeout_s=0.5))
     assert (tmp_path / "c.bin.part").stat().st_size == 15_000
     fixture_server.replace("/c.bin", new)
@@ -210,7 +216,9 @@ def test_part_of_another_url_is_discarded(fixture_server: FixtureServer, tmp_pat
     url = fixture_server.add("/p.bin", body)
     dest = tmp_path / "p.bin"
     (tmp_path / "p.bin.part").write_bytes(b"junk" * 100)
-    (tmp_path / "p.bin.part.json").write_text('{"url": "http://elsewhere/p.bin", "validator": null, "total": 20000}')
+    (tmp_path / "p.bin.part.json").write_text(
+        '{"url": "http://elsewhere/p.bin", "validator": null, "total": 20000}'
+    )
     transfer = download_file(url, dest, sha256=sha(body), policy=FAST)
     assert dest.read_bytes() == body and transfer.resumed_from == 0
     assert "range" not in fixture_server.hits("/p.bin")[0].headers
@@ -234,7 +242,12 @@ def test_existing_dest_with_right_hash_makes_no_request(fixture_server: FixtureS
     dest = tmp_path / "e.bin"
     dest.write_bytes(body)
     transfer = download_file(url, dest, sha256=sha(body), policy=FAST)
-    assert (transfer.size, transfer.resumed_from, transfer.attempts, transfer.sha256) == (3_000, 3_000, 0, sha(body))
+    assert (transfer.size, transfer.resumed_from, transfer.attempts, transfer.sha256) == (
+        3_000,
+        3_000,
+        0,
+        sha(body),
+    )
     transfer = download_file(url, dest, policy=FAST)  # no hash given: the file is taken as it is
     assert transfer.attempts == 0
     assert fixture_server.requests == []
@@ -296,10 +309,18 @@ def test_killed_run_resumes_in_a_new_process(fixture_server: FixtureServer, tmp_
 
 def test_download_many_returns_errors_in_place(fixture_server: FixtureServer, tmp_path: Path):
     bodies = [payload(4_000, seed=i) for i in range(4)]
-    items = [(fixture_server.add(f"/m{i}.bin", b), tmp_path / f"m{i}.bin", sha(b)) for i, b in enumerate(bodies)]
+    items = [
+        (fixture_server.add(f"/m{i}.bin", b), tmp_path / f"m{i}.bin", sha(b)) for i, b in enumerate(bodies)
+    ]
     items.insert(2, (fixture_server.url + "/nope.bin", tmp_path / "nope.bin", None))
     results = download_many(items, policy=FAST, max_workers=3)
-    assert [type(r).__name__ for r in results] == ["Transfer", "Transfer", "DownloadError", "Transfer", "Transfer"]
+    assert [type(r).__name__ for r in results] == [
+        "Transfer",
+        "Transfer",
+        "DownloadError",
+        "Transfer",
+        "Transfer",
+    ]
     assert "HTTP 404" in str(results[2]) and "/nope.bin" in str(results[2])
     for (url, dest, digest), result in zip(items, results):
         if isinstance(result, Transfer):
@@ -313,7 +334,11 @@ def test_download_many_rejects_duplicate_dests(tmp_path: Path):
 
 def test_host_limiter_caps_concurrency(fixture_server: FixtureServer, tmp_path: Path):
     items = [
-        (fixture_server.add(f"/c{i}.bin", payload(6_000, seed=i), rate_bps=30_000), tmp_path / f"c{i}.bin", None)
+        (
+            fixture_server.add(f"/c{i}.bin", payload(6_000, seed=i), rate_bps=30_000),
+            tmp_path / f"c{i}.bin",
+            None,
+        )
         for i in range(6)
     ]  # 0.2 s per body: long enough to overlap
     results = download_many(items, policy=FAST, max_workers=6, per_host=2)
@@ -323,9 +348,8 @@ def test_host_limiter_caps_concurrency(fixture_server: FixtureServer, tmp_path: 
 
 def test_host_limiter_is_per_host():
     limiter = HostLimiter(per_host=1)
-    with limiter.slot("http://user:pw@A.example:80/x"):
-        with limiter.slot("http://b.example/x"):  # another host: not blocked
-            pass
+    with limiter.slot("http://user:pw@A.example:80/x"), limiter.slot("http://b.example/x"):
+        pass  # the second host's slot was free although the first host's only one is taken
     assert set(limiter._slots) == {"a.example:80", "b.example"}
 
 
@@ -413,3 +437,34 @@ def test_open_stream_feeds_tarfile(fixture_server: FixtureServer, tmp_path: Path
         for member in tar:
             got[member.name] = tar.extractfile(member).read()
     assert got == members
+
+
+# ---------------------------------------------------------------------------------------------
+# backoff and progress
+
+
+def test_backoff_doubles_with_jitter_and_caps():
+    from slatflow.http_fetch import _backoff_s
+
+    policy = RetryPolicy(backoff_s=1.0, max_backoff_s=5.0)
+    for retry, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
+        waits = [_backoff_s(retry, policy, None) for _ in range(50)]
+        assert all(base / 2 <= w <= base for w in waits), (retry, min(waits), max(waits))
+        assert len(set(waits)) > 1  # jittered
+    assert _backoff_s(1, policy, retry_after=3.0) == 3.0  # the server's Retry-After wins
+    assert _backoff_s(1, policy, retry_after=3600.0) == 5.0  # but capped
+
+
+def test_progress_is_logged_during_and_after(
+    fixture_server: FixtureServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr("slatflow.http_fetch._PROGRESS_EVERY_S", 0.05)
+    url = fixture_server.add("/p.bin", payload(20_000), rate_bps=100_000)  # 0.2 s
+    with caplog.at_level("INFO", logger="slatflow.http_fetch"):
+        download_file(url, tmp_path / "p.bin", policy=FAST)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(" of 0.0 MB (" in m and "%) at " in m and "MB/s" in m for m in messages), messages
+    assert messages[-1].endswith("(resumed from byte 0, 1 attempt(s))") and "20000 bytes to" in messages[-1]
