@@ -497,6 +497,7 @@ def download_file(
             log.info("%s: %s is already there (%d bytes); nothing to fetch", url, dest, size)
             return Transfer(url, dest, size, actual, size, 0, time.monotonic() - started)
         log.warning("%s: %s has sha256 %s, not %s; downloading it again", url, dest, actual, expected)
+        dest.unlink()  # a wrong file must not stay under the final name if the download fails
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     part = _PartFile(dest, url)

@@ -260,6 +260,11 @@ def test_existing_dest_with_wrong_hash_is_fetched_again(fixture_server: FixtureS
     dest.write_bytes(b"stale")
     download_file(url, dest, sha256=sha(body), policy=FAST)
     assert dest.read_bytes() == body
+    dest.write_bytes(b"stale")
+    fixture_server.add_faults("/e.bin", "404")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_file(url, dest, sha256=sha(body), policy=FAST)
+    assert not dest.exists(), "a file with the wrong hash does not stay under the final name"
 
 
 KILLED_CHILD = textwrap.dedent(
