@@ -400,3 +400,19 @@ def test_state_is_not_written_every_member(tar, members, tmp_path, monkeypatch):
     # ~30 members before the wanted one: about 6 periodic saves, one after it, one at completion
     assert 5 <= len(writes) <= 9, writes
     assert writes == sorted(writes)
+
+
+def test_resume_right_at_the_end_of_the_archive(tar, members, tmp_path):
+    """Killed after the last member but before the pass was recorded complete: it ends at once."""
+    path, offsets = tar
+    end = max(offsets.values()) + 512 + TAIL_BYTES  # the tail is the last member, one plain header
+    state = tmp_path / "s.json"
+    state.write_text(
+        json.dumps(
+            {"version": 1, "archive_id": "", "offset": end, "complete": False, "pending": ["absent"], "refused": [], "missing": []}
+        )
+    )
+    opener = _Opener(path)
+    result = extract_tar_members(opener, {"absent": tmp_path / "absent"}, state)
+    assert opener.offsets[0] == end and result.complete and result.missing == ["absent"]
+    assert result.bytes_read <= path.stat().st_size - end + 512  # and its first block read again
