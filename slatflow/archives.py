@@ -51,7 +51,8 @@ class TarPass:
             end), or are in it only as a link, a device or an unsafe name (never written).
         bytes_read: bytes read from the archive by this call.
         resumed_from: the archive offset this call started reading at (0 for a fresh pass).
-        complete: every wanted member is either extracted or in `missing`.
+        complete: every wanted member is either extracted or in `missing`; always True on
+            return, since a pass that cannot finish raises (its state file keeps its progress).
     """
 
     extracted: dict[str, Path]
@@ -98,6 +99,10 @@ def extract_tar_members(
     return pass_.run()
 
 
+class _StreamError(Exception):
+    """The archive's stream failed (not the local disk, whose OSError is the run's problem)."""
+
+
 class _CountingReader:
     """A read-only view of a stream that counts the bytes it hands out."""
 
@@ -106,9 +111,20 @@ class _CountingReader:
         self.count = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        try:
+            data = self.stream.read(size)
+        except OSError as error:
+            raise _StreamError(str(error) or type(error).__name__) from error
         self.count += len(data)
         return data
+
+    def read_exactly(self, size: int) -> bytes:
+        """Up to `size` bytes, fewer only at the end of the stream (a read may return less)."""
+        chunks, left = [], size
+        while left > 0 and (chunk := self.read(left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
 
 class _TarPass:
@@ -132,7 +148,7 @@ class _TarPass:
     def run(self) -> TarPass:
         start = self._start_offset()
         if start is None:  # a complete pass covers every wanted member
-            return self._result(0, complete=True, missing=self._saved_missing)
+            return self._result(0, self._saved_missing)
         offset = self.next_offset = start
         while self.pending:
             end = self._read_from(offset)
@@ -143,12 +159,12 @@ class _TarPass:
                 for name in sorted(self.pending):
                     logger.warning("%s has no member %s", self.name, name)
                 self._save(end, complete=True, missing=missing)
-                return self._result(start, complete=True, missing=missing)
+                return self._result(start, missing)
             if end == offset:
                 raise DownloadError(f"{self.name}: no valid tar header at byte {end}")
             offset = end  # the stream ended early but the archive goes on: read on from there
         self._save(self.next_offset, complete=True, missing=sorted(self.refused))
-        return self._result(start, complete=True, missing=sorted(self.refused))
+        return self._result(start, sorted(self.refused))
 
     def _start_offset(self) -> int | None:
         """Where to read from: a saved pass's offset if it still covers what is wanted, else 0."""
@@ -165,7 +181,7 @@ class _TarPass:
             return 0
         # Resume only if nothing still wanted lies before the saved offset: every member not in
         # place must be one the saved pass was still looking for.
-        if self.pending <= set(state["pending"]):
+        if self.pending <= set(state["pending"]) | set(state["refused"]):
             self.refused = [name for name in state["refused"] if name in self.wanted]
             self.pending -= set(self.refused)
             logger.info("%s: resuming the pass at byte %d (%s)", self.name, state["offset"], self.state_path)
@@ -214,7 +230,7 @@ class _TarPass:
             raise DownloadError(f"{self.name}: truncated or corrupt tar at byte {position}: {error}") from None
         except tarfile.TarError as error:
             raise DownloadError(f"{self.name}: corrupt tar at byte {position}: {error}") from None
-        except OSError as error:
+        except _StreamError as error:
             raise DownloadError(f"{self.name}: reading failed at byte {position}: {error}") from None
 
     def _take(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
@@ -259,15 +275,19 @@ class _TarPass:
     def _block_at(self, offset: int) -> str:
         """What lies at `offset`: "end" (the zero block ending a tar) or else "more"; raise if nothing."""
         with self.open_at(offset) as stream:
-            block = stream.read(_BLOCK)
+            reader = _CountingReader(stream)
+            try:
+                block = reader.read_exactly(_BLOCK)
+            except _StreamError as error:
+                raise DownloadError(f"{self.name}: reading failed at byte {offset}: {error}") from None
         self.bytes_read += len(block)
         if len(block) < _BLOCK:
             raise DownloadError(f"{self.name}: truncated tar: {len(block)} bytes at byte {offset}, no end-of-archive block")
         return "end" if block.count(0) == _BLOCK else "more"
 
-    def _result(self, start: int, *, complete: bool, missing: list[str]) -> TarPass:
+    def _result(self, start: int, missing: list[str]) -> TarPass:
         extracted = {name: dest for name, dest in self.wanted.items() if name not in missing and dest.exists()}
-        return TarPass(extracted, missing, self.bytes_read, start, complete)
+        return TarPass(extracted, missing, self.bytes_read, start, complete=True)
 
 
 def _member_key(name: str) -> str:

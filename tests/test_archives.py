@@ -158,6 +158,7 @@ def test_resume_after_a_kill(tar, members, tmp_path):
     data = _data(members)
     items = [name for name in data if "item_" in name]
     wanted = {name: tmp_path / "out" / f"{i:02d}.glb" for i, name in enumerate(items)}
+    wanted["3dmodels"] = tmp_path / "out" / "folder"  # the first member, a folder: refused, then missing
     state = tmp_path / "state.json"
     kill_at = offsets[items[14]] + 700  # inside the 15th member, after several long-name ones
     with pytest.raises(DownloadError, match="simulated kill"):
@@ -172,7 +173,7 @@ def test_resume_after_a_kill(tar, members, tmp_path):
     opener = _Opener(path)
     result = extract_tar_members(opener, wanted, state, archive_id="a")
     assert opener.offsets[0] == saved["offset"] == result.resumed_from
-    assert result.complete and result.missing == [] and set(result.extracted) == set(items)
+    assert result.complete and result.missing == ["3dmodels"] and set(result.extracted) == set(items)
     for name in items:
         assert wanted[name].read_bytes() == data[name]
     for name, before in done.items():
@@ -186,6 +187,7 @@ def test_resume_after_a_kill(tar, members, tmp_path):
 
     again = extract_tar_members(never, wanted, state, archive_id="a")
     assert again.complete and again.bytes_read == 0 and set(again.extracted) == set(items)
+    assert again.missing == ["3dmodels"] and not wanted["3dmodels"].exists()
 
 
 def test_resume_rules(tar, members, tmp_path):
