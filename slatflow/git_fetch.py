@@ -23,9 +23,9 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from slatflow.errors import DownloadError
 from slatflow.io import atomic_path
@@ -166,7 +166,9 @@ def fetch_git_file(
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     # Beside dest_root, so that it shares its file system and its clean-up stays local.
-    with tempfile.TemporaryDirectory(prefix=".git-fetch-", dir=dest_root.parent, ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=".git-fetch-", dir=dest_root.parent, ignore_cleanup_errors=True
+    ) as tmp:
         repo = _PartialRepo(git, Path(tmp), repo_url, time.monotonic() + timeout_s, timeout_s, where)
         repo.fetch_trees(commit)
         tree = repo.list_files()
@@ -235,7 +237,14 @@ class _PartialRepo:
         """
         oids = sorted(set(blobs.values()))
         self.run(
-            ["-c", "fetch.negotiationAlgorithm=noop", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head"]
+            [
+                "-c",
+                "fetch.negotiationAlgorithm=noop",
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+            ]
             + ["--recurse-submodules=no", "--filter=blob:none", "origin", *oids]
         )
         written = []
@@ -312,14 +321,19 @@ class _PartialRepo:
             level = logging.WARNING if failed or line.startswith("warning:") else logging.DEBUG
             logger.log(level, "git %s: %s", args[0], line)
         if failed:
-            raise DownloadError(f"{self.where}: git {args[0]} failed (exit {proc.returncode}): {_cause(lines)}")
+            raise DownloadError(
+                f"{self.where}: git {args[0]} failed (exit {proc.returncode}): {_cause(lines)}"
+            )
         return out or b""
 
 
 def _cause(stderr_lines: list[str]) -> str:
     """git's first fatal/error line (its later ones are generic advice), else its last line."""
     lines = [line.strip() for line in stderr_lines if line.strip()]
-    return next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1] if lines else "no message")
+    return next(
+        (line for line in lines if line.startswith(("fatal:", "error:"))),
+        lines[-1] if lines else "no message",
+    )
 
 
 class _LfsError(Exception):
@@ -357,7 +371,9 @@ def _fetch_companions(
                 if target is None or target in seen:
                     continue
                 if len(seen) > MAX_COMPANIONS:
-                    logger.warning("%s: more than %d companions; the rest are skipped", main_path, MAX_COMPANIONS)
+                    logger.warning(
+                        "%s: more than %d companions; the rest are skipped", main_path, MAX_COMPANIONS
+                    )
                     full = True
                     break
                 seen.add(target)

@@ -112,7 +112,7 @@ def _files(root: Path) -> list[str]:
 
 
 def test_extracts_wanted_only(tar, members, tmp_path):
-    path, offsets = tar
+    path, _ = tar
     data = _data(members)
     names = [name for name in data if "item_" in name]
     good = [names[1], names[5], names[12], names[27]]  # two of them with long names
@@ -130,14 +130,20 @@ def test_extracts_wanted_only(tar, members, tmp_path):
     result = extract_tar_members(_Opener(path), wanted, state, archive_id="abo.tar")
 
     assert result.complete and result.resumed_from == 0
-    assert sorted(result.missing) == sorted(["3dmodels/link.glb", "../evil.glb", "/abs/evil.glb", "3dmodels/not_there.glb"])
+    assert sorted(result.missing) == sorted(
+        ["3dmodels/link.glb", "../evil.glb", "/abs/evil.glb", "3dmodels/not_there.glb"]
+    )
     assert result.extracted == {name: wanted[name] for name in good}
     for name in good:
         assert wanted[name].read_bytes() == data[name]
     assert _files(tmp_path / "out") == sorted(f"{i}.glb" for i in range(4))  # nothing unwanted or unsafe
     assert not list(tmp_path.parent.glob("evil*"))
     saved = json.loads(state.read_text())
-    assert saved["complete"] and saved["archive_id"] == "abo.tar" and sorted(saved["missing"]) == sorted(result.missing)
+    assert (
+        saved["complete"]
+        and saved["archive_id"] == "abo.tar"
+        and sorted(saved["missing"]) == sorted(result.missing)
+    )
     assert result.bytes_read >= path.stat().st_size - 2 * 10240  # read to the end, to know what is missing
 
 
@@ -282,7 +288,10 @@ def test_through_fixture_server_with_truncated_body(tar, members, tmp_path):
     with FixtureServer() as server:
         url = server.add("/abo.tar", path.read_bytes(), faults=["truncate"])
         result = extract_tar_members(
-            lambda offset: open_stream(url, offset=offset, policy=policy), wanted, tmp_path / "s.json", archive_id=url
+            lambda offset: open_stream(url, offset=offset, policy=policy),
+            wanted,
+            tmp_path / "s.json",
+            archive_id=url,
         )
         ranges = [r.headers.get("range") for r in server.hits("/abo.tar")]
     assert result.complete and result.missing == ["3dmodels/absent.glb"]
@@ -315,7 +324,9 @@ def future_zip(tmp_path_factory):
         for name in ["raw_model.obj", "model.mtl", "texture.png", "image.jpg"]:
             files[f"3D-FUTURE-model/{instance}/{name}"] = rng.bytes(int(rng.integers(50, 5000)))
     path = tmp_path_factory.mktemp("zip") / "3D-FUTURE-model.zip"
-    _make_zip(path, files, links={"3D-FUTURE-model/0a1b2c3d-0000-4000-8000-000000000002/link.png": "/etc/passwd"})
+    _make_zip(
+        path, files, links={"3D-FUTURE-model/0a1b2c3d-0000-4000-8000-000000000002/link.png": "/etc/passwd"}
+    )
     return path, files
 
 
@@ -326,7 +337,9 @@ def test_zip_members_under_and_extract_3d_future(future_zip, tmp_path):
     assert members == [prefix + n for n in ["raw_model.obj", "model.mtl", "texture.png", "image.jpg"]]
     assert zip_members_under(path, "3D-FUTURE-model/0a1b2c3d") == []  # a folder, not a name prefix
     written = extract_zip_members(path, members, tmp_path / "asset", strip_prefix=prefix)
-    assert written == [tmp_path / "asset" / n for n in ["raw_model.obj", "model.mtl", "texture.png", "image.jpg"]]
+    assert written == [
+        tmp_path / "asset" / n for n in ["raw_model.obj", "model.mtl", "texture.png", "image.jpg"]
+    ]
     for member, file in zip(members, written):
         assert file.read_bytes() == files[member]
     assert _files(tmp_path / "asset") == sorted(p.name for p in written)
@@ -338,8 +351,13 @@ def test_zip_members_under_and_extract_3d_future(future_zip, tmp_path):
 def test_extract_toys4k_blend(tmp_path):
     path = tmp_path / "toys4k_blend_files.zip"
     member = "toys4k_blend_files/airplane/airplane_000/airplane_000.blend"
-    _make_zip(path, {member: b"BLENDER-v293" + os.urandom(100), "toys4k_blend_files/cat/cat_001/cat_001.blend": b"x"})
-    written = extract_zip_members(path, [member], tmp_path / "out", strip_prefix="toys4k_blend_files/airplane/airplane_000/")
+    _make_zip(
+        path,
+        {member: b"BLENDER-v293" + os.urandom(100), "toys4k_blend_files/cat/cat_001/cat_001.blend": b"x"},
+    )
+    written = extract_zip_members(
+        path, [member], tmp_path / "out", strip_prefix="toys4k_blend_files/airplane/airplane_000/"
+    )
     assert written == [tmp_path / "out" / "airplane_000.blend"]
     with zipfile.ZipFile(path) as archive:
         assert written[0].read_bytes() == archive.read(member)
@@ -347,7 +365,7 @@ def test_extract_toys4k_blend(tmp_path):
 
 
 def test_zip_errors(future_zip, tmp_path):
-    path, files = future_zip
+    path, _ = future_zip
     prefix = "3D-FUTURE-model/0a1b2c3d-0000-4000-8000-000000000001/"
     out = tmp_path / "out"
     with pytest.raises(DownloadError, match=r"3D-FUTURE-model\.zip: no member .*/nope\.obj"):
@@ -395,7 +413,9 @@ def test_state_is_not_written_every_member(tar, members, tmp_path, monkeypatch):
     writes = []
     real = archives.write_json_atomic
     monkeypatch.setattr(archives, "_STATE_EVERY_MEMBERS", 5)
-    monkeypatch.setattr(archives, "write_json_atomic", lambda p, obj: (writes.append(obj["offset"]), real(p, obj)))
+    monkeypatch.setattr(
+        archives, "write_json_atomic", lambda p, obj: (writes.append(obj["offset"]), real(p, obj))
+    )
     data = _data(members)
     last = [name for name in data if "item_" in name][-1]
     extract_tar_members(_Opener(path), {last: tmp_path / "last.glb"}, tmp_path / "s.json")
@@ -411,10 +431,34 @@ def test_resume_right_at_the_end_of_the_archive(tar, members, tmp_path):
     state = tmp_path / "s.json"
     state.write_text(
         json.dumps(
-            {"version": 1, "archive_id": "", "offset": end, "complete": False, "pending": ["absent"], "refused": [], "missing": []}
+            {
+                "version": 1,
+                "archive_id": "",
+                "offset": end,
+                "complete": False,
+                "pending": ["absent"],
+                "refused": [],
+                "missing": [],
+            }
         )
     )
     opener = _Opener(path)
     result = extract_tar_members(opener, {"absent": tmp_path / "absent"}, state)
     assert opener.offsets[0] == end and result.complete and result.missing == ["absent"]
     assert result.bytes_read <= path.stat().st_size - end + 512  # and its first block read again
+
+
+def test_zip_replaced_between_calls_is_reread(tmp_path):
+    """The opened zip is reused within a process only while the file is unchanged."""
+    path = tmp_path / "toys4k_blend_files.zip"
+    member = "toys4k_blend_files/cat/cat_001/cat_001.blend"
+    prefix = "toys4k_blend_files/cat/cat_001/"
+    _make_zip(path, {member: b"first"})
+    assert (
+        extract_zip_members(path, [member], tmp_path / "a", strip_prefix=prefix)[0].read_bytes() == b"first"
+    )
+    _make_zip(path, {member: b"second, longer"})
+    assert (
+        extract_zip_members(path, [member], tmp_path / "b", strip_prefix=prefix)[0].read_bytes()
+        == b"second, longer"
+    )

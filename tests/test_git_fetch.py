@@ -44,7 +44,13 @@ LFS_POINTER = (
 
 
 def _git(cwd: Path, *args: str) -> str:
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     result = subprocess.run(
         [GIT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=True
     )
@@ -97,9 +103,9 @@ def origin(tmp_path_factory):
 
 def test_parse_github_identifier():
     sha = "0123456789abcdef0123456789abcdef01234567"
-    assert parse_github_identifier(f"https://github.com/org/repo/blob/{sha}/dir/my%20model.obj") == GithubFile(
-        "org", "repo", sha, "dir/my model.obj"
-    )
+    assert parse_github_identifier(
+        f"https://github.com/org/repo/blob/{sha}/dir/my%20model.obj"
+    ) == GithubFile("org", "repo", sha, "dir/my model.obj")
     parsed = parse_github_identifier(f"https://github.com/o-1/r.x/blob/{sha.upper()}/a b/c d.gltf")
     assert (parsed.org, parsed.repo, parsed.commit, parsed.path) == ("o-1", "r.x", sha, "a b/c d.gltf")
     assert parsed.repo_url == "https://github.com/o-1/r.x.git"
@@ -149,7 +155,9 @@ def test_fetch_obj_at_first_commit_only_its_blobs(origin, tmp_path, monkeypatch,
 
 def test_fetch_second_commit_and_no_companions(origin, tmp_path):
     dest = tmp_path / "repo"
-    written = fetch_git_file(origin["url"], origin["second"], "models/chair/chair.obj", dest, companions=False)
+    written = fetch_git_file(
+        origin["url"], origin["second"], "models/chair/chair.obj", dest, companions=False
+    )
     assert written == [dest / "models/chair/chair.obj"]
     assert written[0].read_bytes() == CHAIR_OBJ_V2
     assert [p.name for p in dest.rglob("*") if p.is_file()] == ["chair.obj"]
@@ -226,7 +234,9 @@ def test_lfs_companion_skipped_main_kept(origin, tmp_path, monkeypatch):
 def test_lfs_pointer_through_git_lfs(origin, tmp_path, monkeypatch):
     bin_dir = Path(_path_without_git_lfs(tmp_path))
     fake = bin_dir / "git-lfs"  # stands for git-lfs: `git lfs smudge` reads the pointer, prints the content
-    fake.write_text('#!/bin/sh\n[ "$1" = smudge ] || exit 2\ncat >/dev/null\nprintf "real content of %s" "$3"\n')
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = smudge ] || exit 2\ncat >/dev/null\nprintf "real content of %s" "$3"\n'
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     written = fetch_git_file(origin["url"], origin["first"], "lfs/model.obj", tmp_path / "dest", git=GIT)
@@ -240,7 +250,7 @@ def _closed_port() -> int:
 
 
 class _AuthHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.send_response(401)
         self.send_header("WWW-Authenticate", 'Basic realm="private"')
         self.send_header("Content-Length", "0")
@@ -251,7 +261,7 @@ class _AuthHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _SilentHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         time.sleep(5)  # longer than the fetch's timeout: the server stalls
 
     def log_message(self, *args):
