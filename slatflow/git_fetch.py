@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slatflow.errors import DownloadError
-from slatflow.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,18 @@ _REPO_ENV = (
     "GIT_COMMON_DIR",
     "GIT_NAMESPACE",
 )
+
+# Fetch named blobs into the partial repository, as git's lazy fetch does (no negotiation:
+# the server sends just what is named).
+_BLOB_FETCH = [
+    "-c",
+    "fetch.negotiationAlgorithm=noop",
+    "fetch",
+    "--quiet",
+    "--no-tags",
+    "--no-write-fetch-head",
+]
+_BLOB_FETCH += ["--recurse-submodules=no", "--filter=blob:none", "origin"]
 
 _GITHUB_BLOB = re.compile(
     r"^https?://(?:www\.)?github\.com/(?P<org>[^/]+)/(?P<repo>[^/]+)/blob/(?P<commit>[^/]+)/(?P<path>.+)$"
@@ -137,10 +148,12 @@ def fetch_git_file(
 ) -> list[Path]:
     """Fetch one file of a repository at a commit, and the files it references, into `dest_root`.
 
-    A temporary git directory beside `dest_root` receives the commit's trees (a shallow,
-    blob-less fetch) and then only the needed blobs; it is always removed. Each file is
-    written to `dest_root/<path in the repo>` through a temporary name. A companion that is
-    absolute, leaves the repository or is not in the commit is logged and skipped.
+    A temporary folder beside `dest_root` (same file system) holds a git directory, which
+    receives the commit's trees (a shallow, blob-less fetch) and then only the needed blobs,
+    and the files as they are written; it is always removed. The files are then renamed to
+    `dest_root/<path in the repo>`, the companions first and the main file last, so that the
+    main file's presence means its companions are there. A companion that is absolute, leaves
+    the repository or is not in the commit is logged and skipped.
 
     Args:
         repo_url: any URL git fetches from (https, file://, a local path).
@@ -174,11 +187,14 @@ def fetch_git_file(
         tree = repo.list_files()
         if path not in tree:
             raise DownloadError(f"{where}: path not in the commit (or not a regular file)")
-        written = [repo.write_blobs({path: tree[path]}, dest_root)[0]]
-        if companions:
-            written += _fetch_companions(repo, tree, path, written[0], dest_root)
-    logger.info("fetched %s from %s at %s (%d companions)", path, repo_url, commit, len(written) - 1)
-    return written
+        repo.write_blobs({path: tree[path]})
+        extra = _fetch_companions(repo, tree, path) if companions else []
+        for repo_path in [*extra, path]:
+            target = dest_root / repo_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(repo.staging / repo_path, target)
+    logger.info("fetched %s from %s at %s (%d companions)", path, repo_url, commit, len(extra))
+    return [dest_root / repo_path for repo_path in [path, *extra]]
 
 
 def _unsafe_repo_path(path: str) -> bool:
@@ -192,8 +208,8 @@ def _unsafe_repo_path(path: str) -> bool:
 class _PartialRepo:
     """A temporary bare repository with a blob-less promisor remote, driven by git commands."""
 
-    def __init__(self, git: str, git_dir: Path, url: str, deadline: float, timeout_s: float, where: str):
-        self.git, self.git_dir, self.url = git, git_dir, url
+    def __init__(self, git: str, tmp: Path, url: str, deadline: float, timeout_s: float, where: str):
+        self.git, self.git_dir, self.staging, self.url = git, tmp / "git", tmp / "files", url
         self.deadline, self.timeout_s, self.where = deadline, timeout_s, where
         self.env = {k: v for k, v in os.environ.items() if k not in _REPO_ENV}
         # No prompt, askpass program or credential manager may wait for a person.
@@ -225,43 +241,34 @@ class _PartialRepo:
                 files[os.fsdecode(name)] = oid.decode()
         return files
 
-    def write_blobs(self, blobs: dict[str, str], dest_root: Path, *, lfs_fatal: bool = True) -> list[Path]:
-        """Fetch the blobs in one request, then write each to dest_root/<path> atomically.
+    def write_blobs(self, blobs: dict[str, str], *, lfs_fatal: bool = True) -> list[str]:
+        """Fetch the blobs in one request (as git's own lazy fetch does), then write each to
+        staging/<path>.
 
         Args:
             blobs: repo path -> blob oid.
             lfs_fatal: raise for a Git LFS file git-lfs cannot fetch; else log it and skip it.
 
         Returns:
-            the written files, in the order of `blobs`.
+            the repo paths written, in the order of `blobs`.
         """
-        oids = sorted(set(blobs.values()))
-        self.run(
-            [
-                "-c",
-                "fetch.negotiationAlgorithm=noop",
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-            ]
-            + ["--recurse-submodules=no", "--filter=blob:none", "origin", *oids]
-        )
+        self.run([*_BLOB_FETCH, *sorted(set(blobs.values()))])
         written = []
         for path, oid in blobs.items():
-            dest = dest_root / path
+            file = self.staging / path
+            file.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "wb") as out:
+                self.run(["cat-file", "blob", oid], stdout=out)
             try:
-                with atomic_path(dest) as tmp:
-                    with open(tmp, "wb") as out:
-                        self.run(["cat-file", "blob", oid], stdout=out)
-                    if _is_lfs_pointer(tmp):
-                        self._smudge_lfs(path, tmp)
+                if _is_lfs_pointer(file):
+                    self._smudge_lfs(path, file)
             except _LfsError as error:
+                file.unlink()
                 if lfs_fatal:
                     raise DownloadError(str(error)) from None
                 logger.warning("%s; skipped", error)
                 continue
-            written.append(dest)
+            written.append(path)
         return written
 
     def _smudge_lfs(self, path: str, pointer: Path) -> None:
@@ -355,18 +362,20 @@ def _is_lfs_pointer(path: Path) -> bool:
         return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
 
 
-def _fetch_companions(
-    repo: _PartialRepo, tree: dict[str, str], main_path: str, main_file: Path, dest_root: Path
-) -> list[Path]:
-    """Fetch what the main file references, level by level (obj -> mtl -> textures), one request each."""
+def _fetch_companions(repo: _PartialRepo, tree: dict[str, str], main_path: str) -> list[str]:
+    """Fetch what the main file references, level by level (obj -> mtl -> textures), one request each.
+
+    Returns:
+        The companions' repo paths, written under `repo.staging`.
+    """
     seen = {main_path}
-    level = [(main_path, main_file)]
-    written: list[Path] = []
+    level = [main_path]
+    written: list[str] = []
     full = False
     while level and not full:
         wanted: dict[str, str] = {}
-        for repo_path, file in level:
-            for alternatives in _references(repo_path, file):
+        for repo_path in level:
+            for alternatives in _references(repo_path, repo.staging / repo_path):
                 target = _resolve(alternatives, posixpath.dirname(repo_path), tree, repo_path)
                 if target is None or target in seen:
                     continue
@@ -382,9 +391,8 @@ def _fetch_companions(
                 break
         if not wanted:
             break
-        files = repo.write_blobs(wanted, dest_root, lfs_fatal=False)
-        written += files
-        level = [(file.relative_to(dest_root).as_posix(), file) for file in files]
+        level = repo.write_blobs(wanted, lfs_fatal=False)
+        written += level
     return written
 
 

@@ -153,6 +153,17 @@ def test_fetch_obj_at_first_commit_only_its_blobs(origin, tmp_path, monkeypatch,
     assert "an absolute path" in warnings and "missing.png" in warnings
 
 
+def test_main_file_lands_last(origin, tmp_path, monkeypatch):
+    """Its presence means its companions are there (a kill in between leaves no main file)."""
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (renamed.append(Path(dst).name), real_replace(src, dst))
+    )
+    fetch_git_file(origin["url"], origin["first"], "models/chair/chair.obj", tmp_path / "repo")
+    assert renamed[-1] == "chair.obj" and len(renamed) == 4
+
+
 def test_fetch_second_commit_and_no_companions(origin, tmp_path):
     dest = tmp_path / "repo"
     written = fetch_git_file(
