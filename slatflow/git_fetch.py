@@ -26,6 +26,8 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import PIPE
+from typing import IO
 
 from slatflow.errors import DownloadError
 
@@ -281,13 +283,17 @@ class _PartialRepo:
             with open(pointer, "rb") as src, open(content, "wb") as out:
                 self.run(["lfs", "smudge", "--", path], stdin=src, stdout=out)
         except DownloadError as error:
+            content.unlink()
             raise _LfsError(f"{message}; git lfs smudge failed: {error}") from None
-        finally:
-            if content.exists():
-                content.replace(pointer)
+        content.replace(pointer)
 
     def run(
-        self, args: list[str], *, git_dir: bool = True, stdin=None, stdout: int | object = subprocess.PIPE
+        self,
+        args: list[str],
+        *,
+        git_dir: bool = True,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | int = PIPE,
     ) -> bytes:
         """Run one git command within the deadline; its stderr goes to the log.
 
@@ -295,11 +301,14 @@ class _PartialRepo:
             its stdout (empty when `stdout` is a file).
 
         Raises:
-            DownloadError: it failed (with git's last stderr line) or ran past the deadline.
+            DownloadError: it failed (with git's first fatal/error line) or ran past the deadline.
         """
+        what = "git " + next(
+            a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-c")
+        )
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise DownloadError(f"{self.where}: git timed out after {self.timeout_s:g} s")
+            raise DownloadError(f"{self.where}: git timed out after {self.timeout_s:g} s in all")
         cmd = [self.git, "-c", "credential.helper=", "-c", "core.askPass="]
         if git_dir:
             cmd += ["--git-dir", str(self.git_dir)]
@@ -318,19 +327,15 @@ class _PartialRepo:
             out, err = proc.communicate(timeout=remaining)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise DownloadError(
-                f"{self.where}: git {args[0]} timed out after {self.timeout_s:g} s in all"
-            ) from None
+            raise DownloadError(f"{self.where}: {what} timed out after {self.timeout_s:g} s in all") from None
         lines = err.decode(errors="replace").splitlines()
         failed = proc.returncode != 0
         for line in lines:
             # git warns, e.g., when a server ignores the blob filter and sends everything.
             level = logging.WARNING if failed or line.startswith("warning:") else logging.DEBUG
-            logger.log(level, "git %s: %s", args[0], line)
+            logger.log(level, "%s: %s", what, line)
         if failed:
-            raise DownloadError(
-                f"{self.where}: git {args[0]} failed (exit {proc.returncode}): {_cause(lines)}"
-            )
+            raise DownloadError(f"{self.where}: {what} failed (exit {proc.returncode}): {_cause(lines)}")
         return out or b""
 
 
