@@ -109,11 +109,12 @@ class _StreamError(Exception):
 
 
 class _CountingReader:
-    """A read-only view of a stream that counts the bytes it hands out."""
+    """A read-only view of a stream that counts the bytes it hands out and keeps the last two reads."""
 
     def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.count = 0
+        self.previous, self.last = b"", b""
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -121,7 +122,17 @@ class _CountingReader:
         except OSError as error:
             raise _StreamError(str(error) or type(error).__name__) from error
         self.count += len(data)
+        if data:
+            self.previous, self.last = self.last, data
         return data
+
+    def recent_block(self, position: int) -> bytes | None:
+        """The 512 bytes at `position` (from the stream's start) if the last two reads hold them."""
+        base = self.count - len(self.last) - len(self.previous)
+        if position < base or position + _BLOCK > self.count:
+            return None
+        start = position - base
+        return (self.previous + self.last)[start : start + _BLOCK]
 
     def read_exactly(self, size: int) -> bytes:
         """Up to `size` bytes, fewer only at the end of the stream (a read may return less)."""
@@ -148,7 +159,7 @@ class _TarPass:
         self.bytes_read = 0
         self.last_save = time.monotonic()
         self.unsaved_members = 0
-        self.verified_end = -1  # an offset already seen to hold the end-of-archive block
+        self.verified_end = -1  # an offset seen to hold the end-of-archive block
 
     def run(self) -> TarPass:
         start = self._start_offset()
@@ -225,6 +236,11 @@ class _TarPass:
                             member = archive.next()
                             archive.members.clear()  # a stream of a million members keeps none
                             if member is None:
+                                # tarfile just read the block there: a zero block is the end, known
+                                # without asking the server again.
+                                block = reader.recent_block(archive.offset)
+                                if block is not None and block.count(0) == _BLOCK:
+                                    self.verified_end = offset + archive.offset
                                 return offset + archive.offset
                             position = offset + member.offset
                             self._take(archive, member)
