@@ -211,11 +211,13 @@ def get_download_inputs(wildcards):
 
 
 def abo_pass_sources():
-    """The ABO assets of this run (the archive pass's params: a new one re-runs it)."""
+    """The ABO assets of this shard, quarantined ones too: the archive pass's params, which
+    change (and re-run it) only with the manifest, not when an asset fails."""
+    manifest = manifest_path()
     sources = download_sources()
     return [
         sources[sha].as_params()
-        for sha in included_sha256s()
+        for sha in select_assets(manifest, OUT, config["shard"], retry_failed=True)
         if sha in sources and sources[sha].subset == ABO
     ]
 
