@@ -168,7 +168,6 @@ def get_metadata_inputs(wildcards):
 
 # --- download
 from slatflow.trellis500k import (
-    ABO,
     HF_SUBSETS,
     GITHUB,
     OBJECT_PATHS_FILE,
@@ -179,9 +178,6 @@ from slatflow.trellis500k import (
 )
 
 DOWNLOAD = DownloadSettings.from_config(config["download"])
-# The ABO archive pass of this shard (shards sharing an output root pass separately).
-SHARD_INDEX, SHARD_COUNT = config["shard"].split("/")
-ABO_PASS_RECORD = out(f"raw/ABO/archive-pass-{SHARD_INDEX}of{SHARD_COUNT}.json")
 
 
 @functools.cache
@@ -202,24 +198,6 @@ def get_download_source(wildcards):
             f"{out(f'raw/{wildcards.subset}/{wildcards.sha256}')} is no TRELLIS-500K asset of the manifest"
         )
     return source.as_params()
-
-
-def get_download_inputs(wildcards):
-    """ABO assets are taken from the archive pass (ancient: a later pass for new assets
-    must not re-download the ones already in place)."""
-    return {"abo_pass": ancient(ABO_PASS_RECORD)} if wildcards.subset == ABO else {}
-
-
-def abo_pass_sources():
-    """The ABO assets of this shard, quarantined ones too: the archive pass's params, which
-    change (and re-run it) only with the manifest, not when an asset fails."""
-    manifest = manifest_path()
-    sources = download_sources()
-    return [
-        sources[sha].as_params()
-        for sha in select_assets(manifest, OUT, config["shard"], retry_failed=True)
-        if sha in sources and sources[sha].subset == ABO
-    ]
 
 
 def download_slot(*subsets):

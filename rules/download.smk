@@ -36,24 +36,7 @@ rule download_object_paths:
         "../scripts/download_file.py"
 
 
-rule download_abo_archive:
-    input:
-        out("manifest.csv"),
-    output:
-        ABO_PASS_RECORD,
-    log:
-        out("logs/download_abo_archive.log"),
-    conda:
-        "../envs/base.yaml"
-    params:
-        sources=lambda wildcards: abo_pass_sources(),
-    script:
-        "../scripts/download_abo_archive.py"
-
-
 rule download_asset:
-    input:
-        unpack(get_download_inputs),
     output:
         out("raw/{subset}/{sha256}/{filename}"),
     log:
@@ -70,6 +53,8 @@ rule download_asset:
         # per-host caps: profiles/default sets how many run at once
         hf_downloads=download_slot(*HF_SUBSETS),
         github_downloads=download_slot(GITHUB),
+        # the first ABO job streams the archive for every ABO asset of the run
+        runtime=lambda wildcards: 720 if wildcards.subset == "ABO" else 30,
     params:
         source=get_download_source,
     script:

@@ -12,6 +12,7 @@ run_asset_job(
         snakemake.output[0],
         DownloadSettings.from_config(snakemake.config["download"]),
         snakemake.config["output_dir"],
-        snakemake.input.get("abo_pass", ""),
+        shard=snakemake.config["shard"],
+        retry_failed=snakemake.config["retry_failed"],
     ),
 )

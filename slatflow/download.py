@@ -10,12 +10,14 @@ kill (slatflow.http_fetch, slatflow.archives).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from slatflow.errors import AccessDenied, AssetError, ConfigError, DownloadError, HashMismatch
 from slatflow.ingest import sha256_of_file
@@ -33,7 +35,9 @@ from slatflow.trellis500k import (
     AssetSource,
     DownloadSettings,
     asset_file_name,
+    asset_sources,
     hf_headers,
+    local_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,20 +111,64 @@ def abo_staged_path(out_dir: str | os.PathLike, source: AssetSource) -> Path:
     return Path(out_dir) / ABO_STAGING / source.sha256 / asset_file_name(ABO, source.file_identifier)
 
 
-def _take_abo_member(source: AssetSource, dest: Path, out_dir: Path, pass_record: Path) -> None:
+def abo_final_path(out_dir: str | os.PathLike, source: AssetSource) -> Path:
+    return Path(out_dir) / local_path(ABO, source.sha256, source.file_identifier)
+
+
+def pending_abo_sources(out_dir: str | os.PathLike, shard: str = "0/1", retry_failed: bool = False) -> list[AssetSource]:
+    """The ABO assets of this shard that are neither downloaded nor staged (nor quarantined,
+    unless they are being retried): what one archive pass extracts."""
+    from slatflow.ingest import in_shard, parse_shard
+    from slatflow.quarantine import quarantined_sha256s
+
+    out_dir = Path(out_dir)
+    index, count = parse_shard(shard)
+    failed = quarantined_sha256s(out_dir, only=["ingest"] if retry_failed else None)
+    return [
+        source
+        for source in asset_sources(out_dir / "manifest.csv").values()
+        if source.subset == ABO
+        and in_shard(source.sha256, index, count)
+        and source.sha256 not in failed
+        and not abo_final_path(out_dir, source).is_file()
+        and not abo_staged_path(out_dir, source).is_file()
+    ]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """One holder at a time across processes (the ABO pass: one stream, not one per job)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _take_abo_member(source: AssetSource, dest: Path, settings: DownloadSettings, out_dir: Path, shard: str, retry_failed: bool) -> None:
+    """The asset's member of the ABO tar. The first ABO job of a run streams the archive
+    once for every pending ABO asset (the others wait for it, then find theirs staged)."""
     staged = abo_staged_path(out_dir, source)
     member = ABO_MEMBER_PREFIX + source.file_identifier
+    record_path = out_dir / f"raw/ABO/archive-pass-{shard.replace('/', 'of')}.json"
     if not staged.is_file():
-        record = json.loads(pass_record.read_text()) if pass_record.is_file() else {}
-        if member in record.get("missing", ()):
-            raise DownloadError(f"{record.get('archive', 'the ABO archive')} has no member {member}")
-        raise DownloadError(f"the ABO archive pass left no {member} (see {pass_record} and its log)")
+        with exclusive_lock(out_dir / "raw/ABO/.archive-pass.lock"):
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            known_absent = record.get("archive") == settings.abo_archive and member in record.get("missing", ())
+            if not staged.is_file() and not known_absent:
+                pending = [s for s in pending_abo_sources(out_dir, shard, retry_failed) if s.sha256 != source.sha256]
+                record = run_abo_archive_pass([source, *pending], settings, out_dir, record_path)
+        if not staged.is_file():
+            if member in record.get("missing", ()):
+                raise DownloadError(f"{settings.abo_archive} has no member {member}")
+            raise DownloadError(f"the ABO archive pass left no {member} (see {record_path})")
     try:
         verify_sha256(staged, source.sha256, member)
     except HashMismatch:
         staged.unlink()
         raise
-    dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, dest)
     staged.parent.rmdir()
 
@@ -159,8 +207,19 @@ def _extract_from_zip(source: AssetSource, dest: Path, settings: DownloadSetting
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch_asset(source: AssetSource, dest: str | os.PathLike, settings: DownloadSettings, out_dir: str | os.PathLike, abo_pass_record: str | os.PathLike = "") -> Path:
+def fetch_asset(
+    source: AssetSource,
+    dest: str | os.PathLike,
+    settings: DownloadSettings,
+    out_dir: str | os.PathLike,
+    shard: str = "0/1",
+    retry_failed: bool = False,
+) -> Path:
     """Fetch one asset to `dest` (OUT/<local_path>) with its companions, verified.
+
+    Args:
+        shard, retry_failed: the run's; an ABO asset's archive pass takes the run's other
+            pending ABO assets along.
 
     Raises:
         AssetError: this asset cannot be had (404, a wrong hash, not in the archive, ...).
@@ -174,7 +233,7 @@ def fetch_asset(source: AssetSource, dest: str | os.PathLike, settings: Download
         elif source.subset == GITHUB:
             _fetch_github(source, dest, settings)
         elif source.subset == ABO:
-            _take_abo_member(source, dest, out_dir, Path(abo_pass_record))
+            _take_abo_member(source, dest, settings, out_dir, shard, retry_failed)
         elif source.subset in (FUTURE, TOYS4K):
             _extract_from_zip(source, dest, settings, out_dir)
         else:
@@ -188,13 +247,13 @@ def fetch_asset(source: AssetSource, dest: str | os.PathLike, settings: Download
 
 
 def download_assets(
-    sources: Sequence[AssetSource], dests: Sequence[str | os.PathLike], settings: DownloadSettings, out_dir: str | os.PathLike, abo_pass_record: str | os.PathLike = ""
+    sources: Sequence[AssetSource], dests: Sequence[str | os.PathLike], settings: DownloadSettings, out_dir: str | os.PathLike
 ) -> dict[str, AssetError]:
     """Fetch many assets; one that fails never stops the others. Returns sha256 -> its error."""
     failures = {}
     for source, dest in zip(sources, dests, strict=True):
         try:
-            fetch_asset(source, dest, settings, out_dir, abo_pass_record)
+            fetch_asset(source, dest, settings, out_dir)
         except AssetError as exc:
             logger.error("%s", exc)
             failures[source.sha256] = exc
@@ -206,15 +265,14 @@ def run_abo_archive_pass(
 ) -> dict:
     """One streaming pass over the ABO tar that stages the members of `sources` not yet
     downloaded; killed, it resumes at the member it was at. Writes its record (members
-    extracted and missing) to `record_path`, which the assets' jobs read."""
+    extracted and missing) to `record_path`, and returns it."""
     from slatflow.archives import extract_tar_members
     from slatflow.http_fetch import open_stream
 
     out_dir = Path(out_dir)
     wanted = {}
     for source in sources:
-        final = out_dir / "raw" / ABO / source.sha256 / asset_file_name(ABO, source.file_identifier)
-        if not final.is_file():
+        if not abo_final_path(out_dir, source).is_file():
             wanted[ABO_MEMBER_PREFIX + source.file_identifier] = abo_staged_path(out_dir, source)
     logger.info("ABO: %d of %d assets to take from %s", len(wanted), len(sources), settings.abo_archive)
     record = {"archive": settings.abo_archive, "wanted": len(wanted), "extracted": [], "missing": []}

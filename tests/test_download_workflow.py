@@ -22,7 +22,7 @@ from conftest import REPO, SNAKEMAKE, run_workflow, write_config
 from download_fixtures import fixture_server  # noqa: F401 - a fixture
 from slatflow.ingest import sha256_of_file
 from slatflow.quarantine import load_failures
-from trellis500k_fixtures import HF_TOKEN, build_world
+from trellis500k_fixtures import HF_TOKEN, build_world, mesh_bytes, sha256_hex, tar_bytes
 
 pytestmark = pytest.mark.usefixtures("hf_token")
 
@@ -119,3 +119,34 @@ def test_a_killed_download_run_resumes_where_it_stopped(tmp_path, fixture_server
     path = "/datasets/allenai/objaverse/resolve/main/" + "glbs/000-001/aaa111.glb"
     offsets = [int(r.headers["range"].split("=")[1].split("-")[0]) for r in fixture_server.hits(path) if "range" in r.headers]
     assert offsets and max(offsets) >= kept // 2, f"resumed from {offsets}; {kept} bytes were on disk"
+
+
+def test_assets_added_to_a_subset_later_are_fetched_and_old_ones_kept(tmp_path):
+    """A grown CSV re-ingests; the next ABO pass takes only the new member (local copies of
+    the CSV and the archive: source.csv_dir, download.abo_archive)."""
+    members = {f"3dmodels/original/{i}/B00{i}.glb": mesh_bytes("glb", 20 + i) for i in range(3)}
+    archive = tmp_path / "abo-3dmodels.tar"
+    archive.write_bytes(tar_bytes(members))
+    rows = [
+        {"sha256": sha256_hex(members[f"3dmodels/original/{i}/B00{i}.glb"]), "file_identifier": f"{i}/B00{i}.glb", "aesthetic_score": 6.0}
+        for i in range(3)
+    ]
+    (tmp_path / "csv").mkdir()
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "source": {"type": "trellis500k", "subsets": ["ABO"], "csv_dir": str(tmp_path / "csv")},
+        "download": {"abo_archive": str(archive)},
+    }
+    out = tmp_path / "out"
+    first_file = out / f"raw/ABO/{rows[0]['sha256']}/B000.glb"
+    for count in (1, 3):
+        pd.DataFrame(rows[:count]).to_csv(tmp_path / "csv/ABO.csv", index=False)
+        result = run_workflow(config, ["downloads"], config_dir=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if count == 1:
+            first_inode = first_file.stat().st_ino
+    for row in rows:
+        path = out / f"raw/ABO/{row['sha256']}/{Path(row['file_identifier']).name}"
+        assert sha256_of_file(path) == row["sha256"]
+    assert first_file.stat().st_ino == first_inode, "the asset fetched first was not fetched again"
+    assert pd.read_csv(out / "metadata.csv")["local_path"].notna().sum() == 3
