@@ -31,7 +31,8 @@ STAGE_TARGETS = {}
 
 
 def register_stage_target(name, *patterns, in_all=True, after=()):
-    """A target of per-asset outputs (patterns with {sha256}, or functions of a sha256);
+    """A target of per-asset outputs (patterns with {sha256}, or functions of a list of
+    sha256s returning one file each);
     `after` names the targets whose outputs it is built from (see get_metadata_inputs).
     """
     STAGE_TARGETS[name] = StageTarget(patterns, in_all, tuple(after))
@@ -39,11 +40,13 @@ def register_stage_target(name, *patterns, in_all=True, after=()):
 
 def target_files(target, sha256s):
     """A stage target's files for these assets."""
-    return [
-        pattern(sha) if callable(pattern) else pattern.format(sha256=sha)
-        for pattern in target.patterns
-        for sha in sha256s
-    ]
+    files = []
+    for pattern in target.patterns:
+        if callable(pattern):
+            files.extend(pattern(sha256s))
+        else:
+            files.extend(pattern.format(sha256=sha) for sha in sha256s)
+    return files
 
 
 def get_ingest_inputs(wildcards):
@@ -88,17 +91,19 @@ def _source_paths(manifest, mtime_ns):
     return source_paths(manifest)
 
 
-def source_file(sha256):
-    """The asset's source file (OUT/local_path; a download's output for TRELLIS-500K)."""
+def source_files(sha256s):
+    """The assets' source files (OUT/local_path; downloads' outputs for TRELLIS-500K)."""
     manifest = manifest_path()
     paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
-    if sha256 not in paths:
-        raise WorkflowError(f"asset {sha256} is not in {manifest}")
-    return os.path.normpath(out(paths[sha256]))  # OUT/../src/a.glb -> src/a.glb
+    missing = [sha for sha in sha256s if sha not in paths]
+    if missing:
+        raise WorkflowError(f"asset {missing[0]} is not in {manifest}")
+    # OUT/../src/a.glb -> src/a.glb
+    return [os.path.normpath(out(paths[sha])) for sha in sha256s]
 
 
 def get_source_file(wildcards):
-    return source_file(wildcards.sha256)
+    return source_files([wildcards.sha256])[0]
 
 
 def stage_target_files(name):

@@ -3,7 +3,7 @@
 # slatflow/download.py. Other sources' files exist already: these rules never run for them.
 
 
-register_stage_target("downloads", source_file)
+register_stage_target("downloads", source_files)
 
 
 rule download_subset_csv:

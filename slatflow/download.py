@@ -10,18 +10,16 @@ kill (slatflow.http_fetch, slatflow.archives).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from slatflow.errors import AccessDenied, AssetError, ConfigError, DownloadError, HashMismatch
 from slatflow.ingest import sha256_of_file
-from slatflow.io import write_json_atomic
+from slatflow.io import file_lock, write_json_atomic
 from slatflow.trellis500k import (
     ABO,
     ABO_MEMBER_PREFIX,
@@ -135,18 +133,6 @@ def pending_abo_sources(out_dir: str | os.PathLike, shard: str = "0/1", retry_fa
     ]
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """One holder at a time across processes (the ABO pass: one stream, not one per job)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _take_abo_member(source: AssetSource, dest: Path, settings: DownloadSettings, out_dir: Path, shard: str, retry_failed: bool) -> None:
     """The asset's member of the ABO tar. The first ABO job of a run streams the archive
     once for every pending ABO asset (the others wait for it, then find theirs staged)."""
@@ -154,7 +140,7 @@ def _take_abo_member(source: AssetSource, dest: Path, settings: DownloadSettings
     member = ABO_MEMBER_PREFIX + source.file_identifier
     record_path = out_dir / f"raw/ABO/archive-pass-{shard.replace('/', 'of')}.json"
     if not staged.is_file():
-        with exclusive_lock(out_dir / "raw/ABO/.archive-pass.lock"):
+        with file_lock(out_dir / "raw/ABO/.archive-pass.lock"):  # one stream, not one per job
             record = json.loads(record_path.read_text()) if record_path.is_file() else {}
             known_absent = record.get("archive") == settings.abo_archive and member in record.get("missing", ())
             if not staged.is_file() and not known_absent:

@@ -180,33 +180,16 @@ def suspicious_reasons(record: dict, thresholds: QualityThresholds) -> list[str]
         if value is not None and bad:
             reasons.append(f"{text} {value:.4g} (limit {limit:g})")
 
-    mesh, voxels, masks = record.get("mesh"), record.get("voxels"), record.get("masks")
-    if mesh:
-        check(
-            mesh["chamfer_l1"],
-            thresholds.max_chamfer_mesh,
-            mesh["chamfer_l1"] > thresholds.max_chamfer_mesh,
-            "watertight mesh Chamfer-L1",
-        )
-        check(
-            mesh["fscore"],
-            thresholds.min_fscore_mesh,
-            mesh["fscore"] < thresholds.min_fscore_mesh,
-            "watertight mesh F-score@0.01",
-        )
-    if voxels:
-        check(
-            voxels["chamfer_l1"],
-            thresholds.max_chamfer_voxels,
-            voxels["chamfer_l1"] > thresholds.max_chamfer_voxels,
-            "voxel mesh Chamfer-L1",
-        )
-        check(
-            voxels["fscore"],
-            thresholds.min_fscore_voxels,
-            voxels["fscore"] < thresholds.min_fscore_voxels,
-            "voxel mesh F-score@0.01",
-        )
+    compared = (
+        ("mesh", "watertight mesh", thresholds.max_chamfer_mesh, thresholds.min_fscore_mesh),
+        ("voxels", "voxel mesh", thresholds.max_chamfer_voxels, thresholds.min_fscore_voxels),
+    )
+    for key, label, max_chamfer, min_fscore in compared:
+        metrics = record.get(key)
+        if metrics:
+            check(metrics["chamfer_l1"], max_chamfer, metrics["chamfer_l1"] > max_chamfer, f"{label} Chamfer-L1")
+            check(metrics["fscore"], min_fscore, metrics["fscore"] < min_fscore, f"{label} F-score@0.01")
+    masks = record.get("masks")
     if masks:
         if masks["num_views"] == 0:
             reasons.append("no render PNGs to check")

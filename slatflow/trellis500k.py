@@ -18,6 +18,7 @@ its companions (textures, .mtl, .bin) beside it; slatflow.download fetches it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -73,10 +74,8 @@ class DownloadSettings:
 
     @classmethod
     def from_config(cls, section: dict) -> "DownloadSettings":
-        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
-        if not known.get("hf_endpoint"):
-            known["hf_endpoint"] = os.environ.get("HF_ENDPOINT") or cls.hf_endpoint
-        return cls(**known)
+        endpoint = section.get("hf_endpoint") or os.environ.get("HF_ENDPOINT") or cls.hf_endpoint
+        return cls(**{**section, "hf_endpoint": endpoint})
 
     def hf_file_url(self, repo_id: str, filename: str, revision: str = "main") -> str:
         from huggingface_hub import hf_hub_url
@@ -105,7 +104,7 @@ class AssetSource:
     source_ref: str = ""  # sketchfab: the glb's path in allenai/objaverse
 
     def as_params(self) -> dict:
-        return {"sha256": self.sha256, "subset": self.subset, "file_identifier": self.file_identifier, "source_ref": self.source_ref}
+        return dataclasses.asdict(self)
 
 
 def sketchfab_uid(file_identifier: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -34,9 +33,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from slatflow.errors import AssetError, ConfigError
+from slatflow.io import file_lock
 from slatflow.logs import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def run_request(
     for _ in range(3):  # a worker that is exiting (idle, or retired) may refuse the request
         connection = _connect(path)
         if connection is None:
-            with _locked(folder / f"{key}.lock"):
+            with file_lock(folder / f"{key}.lock"):
                 connection = _connect(path) or _start_worker(spec, path, settings, worker_log)
         with connection:
             if _exchange(connection, request, sha256, path, settings.request_timeout_s, worker_log):
@@ -165,16 +165,6 @@ def _connect(path: Path) -> socket.socket | None:
         client.close()
         return None
     return client
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _start_worker(spec: WorkerSpec, path: Path, settings: WorkerSettings, worker_log) -> socket.socket:
