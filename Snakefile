@@ -1,5 +1,6 @@
 # slatflow: raw 3D assets -> TRELLIS training data. See README.md.
 import sys
+import time
 
 from snakemake.utils import min_version, validate
 
@@ -7,6 +8,8 @@ from slatflow.config import check_config
 from slatflow.quarantine import failure_summary
 
 min_version("9.19")
+
+RUN_STARTED = time.time()  # the end-of-run summary lists the failures of this run
 
 
 configfile: "config/config.yaml"
@@ -38,4 +41,4 @@ include: "rules/latents.smk"
 
 
 onerror:
-    print(failure_summary(OUT), file=sys.stderr)
+    print(failure_summary(OUT, since=RUN_STARTED), file=sys.stderr)

@@ -2,10 +2,15 @@
 
 A stage raises `AssetError` when one asset cannot be processed (corrupt file, no
 geometry, a subprocess timeout, ...). The workflow quarantines that asset with the
-message as its reason; the other assets of the run go on.
+message as its reason; the other assets of the run go on. A failure that is the machine's
+(`TransientError`, or an error `transient_cause` recognises) fails the job without a
+quarantine record, so the next run retries the asset.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class AssetError(Exception):
@@ -44,3 +49,53 @@ class AccessDenied(DownloadError):
 
 class HashMismatch(DownloadError):
     """The bytes arrived complete but their sha256 is not the listed one."""
+
+
+class TransientError(Exception):
+    """A failure that is not the asset's fault (the machine's: a full disk, an I/O error, out of
+    memory, a killed worker, a CUDA error). The job fails without a quarantine record, so the
+    next run tries the asset again."""
+
+
+# errno values that describe the machine, not the asset's bytes
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.ESTALE, errno.EROFS, errno.ENFILE, errno.EMFILE}
+)
+# the same causes as a subprocess prints them (Blender, a worker): strerror texts and CUDA's words
+TRANSIENT_MESSAGES = tuple(os.strerror(code) for code in sorted(TRANSIENT_ERRNOS)) + (
+    "CUDA error",
+    "CUDA out of memory",
+    "CUBLAS_STATUS",
+    "cuDNN error",
+    "out of memory",
+)
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """Why `exc` is the machine's fault rather than the asset's, or None when it may be the asset's.
+
+    Looks through the exception's chain (`raise ... from`, and the error being handled when it
+    was raised), so an `AssetError` raised while handling a full disk still counts as transient;
+    then through the messages, for what a subprocess (Blender, a worker) reported as text.
+    """
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for error in chain:
+        if isinstance(error, TransientError):
+            return str(error)
+        if isinstance(error, MemoryError):
+            return "out of memory (MemoryError)"
+        if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+            return f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode.get(error.errno, error.errno)})"
+        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+            return "CUDA out of memory"
+    for error in chain:
+        if isinstance(error, ConfigError):
+            continue
+        text = (error.reason if isinstance(error, AssetError) else str(error)).lower()
+        found = next((m for m in TRANSIENT_MESSAGES if m.lower() in text), None)
+        if found:
+            return found
+    return None

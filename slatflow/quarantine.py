@@ -4,6 +4,10 @@ When an asset fails in a stage, its job writes `OUT/failed/<stage>/<sha256>.json
 (stage, reason, log path, time) and fails. Later runs leave quarantined assets out of
 their targets, so they complete; metadata.csv shows the reason; the config switch
 `retry_failed: true` puts them back, and a success removes the stale record.
+
+A failure that is not the asset's (a full disk, an I/O error, out of memory, a killed
+worker) writes `OUT/logs/transient/<stage>/<sha256>.json` instead: the asset is not left
+out of the next run, and the end-of-run summary lists it apart from the quarantined ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from slatflow.io import write_json_atomic
 
 FAILED_DIR = "failed"
+TRANSIENT_DIR = "logs/transient"
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,25 @@ def failure_path(out_dir: str | os.PathLike, stage: str, sha256: str) -> Path:
     return Path(out_dir) / FAILED_DIR / stage / f"{sha256}.json"
 
 
+def transient_path(out_dir: str | os.PathLike, stage: str, sha256: str) -> Path:
+    return Path(out_dir) / TRANSIENT_DIR / stage / f"{sha256}.json"
+
+
 def record_failure(
-    out_dir: str | os.PathLike, stage: str, sha256: str, reason: str, log: str | os.PathLike = ""
+    out_dir: str | os.PathLike,
+    stage: str,
+    sha256: str,
+    reason: str,
+    log: str | os.PathLike = "",
+    transient: bool = False,
 ) -> Path:
-    """Write the quarantine record of one asset in one stage; return its path."""
-    path = failure_path(out_dir, stage, sha256)
+    """Write the quarantine record of one asset in one stage; return its path.
+
+    Args:
+        transient: the failure is the machine's, not the asset's: the record goes to
+            OUT/logs/transient, which leaves nothing out of the next run.
+    """
+    path = (transient_path if transient else failure_path)(out_dir, stage, sha256)
     failure = Failure(
         sha256=sha256,
         stage=stage,
@@ -50,6 +69,7 @@ def record_failure(
 
 def clear_failure(out_dir: str | os.PathLike, stage: str, sha256: str) -> None:
     failure_path(out_dir, stage, sha256).unlink(missing_ok=True)
+    transient_path(out_dir, stage, sha256).unlink(missing_ok=True)
 
 
 def quarantined_sha256s(out_dir: str | os.PathLike, only: list[str] | None = None) -> set[str]:
@@ -68,11 +88,18 @@ def quarantined_sha256s(out_dir: str | os.PathLike, only: list[str] | None = Non
     return found
 
 
-def load_failures(out_dir: str | os.PathLike) -> list[Failure]:
-    """Every failure record under OUT/failed, unreadable ones reported as such."""
-    root = Path(out_dir) / FAILED_DIR
+def load_failures(out_dir: str | os.PathLike, since: float | None = None, transient: bool = False) -> list[Failure]:
+    """Every failure record under OUT/failed, unreadable ones reported as such.
+
+    Args:
+        since: only records written at or after this time (seconds since the epoch).
+        transient: the records of failures that were not the assets' (OUT/logs/transient).
+    """
+    root = Path(out_dir) / (TRANSIENT_DIR if transient else FAILED_DIR)
     failures = []
     for path in sorted(root.glob("*/*.json")):
+        if since is not None and _mtime(path) < since:
+            continue
         try:
             failures.append(Failure(**json.loads(path.read_text())))
         except (OSError, ValueError, TypeError) as exc:
@@ -80,17 +107,44 @@ def load_failures(out_dir: str | os.PathLike) -> list[Failure]:
     return failures
 
 
-def failure_summary(out_dir: str | os.PathLike) -> str:
-    """A few lines for the end of a failed run: what is quarantined and what to do next."""
-    failures = load_failures(out_dir)
-    if not failures:
-        return "slatflow: no asset is quarantined; the failure was not an asset's (see the log above)."
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _stage_counts(failures: list[Failure]) -> str:
     by_stage: dict[str, int] = {}
     for failure in failures:
         by_stage[failure.stage] = by_stage.get(failure.stage, 0) + 1
-    counts = ", ".join(f"{stage}: {n}" for stage, n in sorted(by_stage.items()))
-    return (
-        f"slatflow: {len(failures)} asset(s) quarantined ({counts}), records in "
-        f"{Path(out_dir) / FAILED_DIR}. The next run leaves them out and completes; "
-        "metadata.csv shows the reasons; --config retry_failed=true tries them again."
-    )
+    return ", ".join(f"{stage}: {n}" for stage, n in sorted(by_stage.items()))
+
+
+def failure_summary(out_dir: str | os.PathLike, since: float | None = None) -> str:
+    """A few lines for the end of a failed run: what is quarantined, what failed for a reason
+    that is not the asset's (and will be retried), and what to do next.
+
+    Args:
+        since: the run's start (seconds since the epoch): transient failures of earlier runs
+            are left out of the summary.
+    """
+    failures = load_failures(out_dir)
+    transient = load_failures(out_dir, since=since, transient=True)
+    lines = []
+    if failures:
+        lines.append(
+            f"slatflow: {len(failures)} asset(s) quarantined ({_stage_counts(failures)}), records in "
+            f"{Path(out_dir) / FAILED_DIR}. The next run leaves them out and completes; "
+            "metadata.csv shows the reasons; --config retry_failed=true tries them again."
+        )
+    if transient:
+        lines.append(
+            f"slatflow: {len(transient)} asset(s) failed for a reason that is not the asset's "
+            f"({_stage_counts(transient)}; first: {transient[0].reason}), records in "
+            f"{Path(out_dir) / TRANSIENT_DIR}. They are not quarantined: fix the machine and run "
+            "again, and the next run retries them."
+        )
+    if not lines:
+        return "slatflow: no asset is quarantined; the failure was not an asset's (see the log above)."
+    return "\n".join(lines)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, ConfigError, TransientError
 from slatflow.io import file_lock
 from slatflow.logs import LOG_FORMAT
 
@@ -134,8 +134,8 @@ def run_request(
         log_dir: where a worker started by this call writes its log (`<key>.log`).
 
     Raises:
-        AssetError: the asset failed (its reason as the service gave it), or the worker
-            died or timed out on it.
+        AssetError: the asset failed (its reason as the service gave it).
+        TransientError: the worker died or timed out on it (not the asset's fault).
         ConfigError: the worker could not start (its model failed to load).
     """
     if not settings.enabled:
@@ -144,7 +144,7 @@ def run_request(
     key = spec.key()
     folder = socket_dir(settings)
     path = folder / f"{key}.sock"
-    worker_log = Path(log_dir) / f"{key}.log"
+    worker_log = Path(log_dir).absolute() / f"{key}.log"
     sha256 = str(request.get("sha256", "?"))
     for _ in range(3):  # a worker that is exiting (idle, or retired) may refuse the request
         connection = _connect(path)
@@ -154,7 +154,7 @@ def run_request(
         with connection:
             if _exchange(connection, request, sha256, path, settings.request_timeout_s, worker_log):
                 return
-    raise AssetError(sha256, f"no model worker accepted the asset after 3 tries (log: {worker_log})")
+    raise TransientError(f"no model worker accepted the asset after 3 tries (log: {worker_log})")
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -172,13 +172,14 @@ def _start_worker(spec: WorkerSpec, path: Path, settings: WorkerSettings, worker
     path.unlink(missing_ok=True)  # a socket left by a killed worker
     Path(worker_log).parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "slatflow.worker", "--socket", str(path),
+        sys.executable, "-m", "slatflow.worker", "--socket", str(path), "--log", str(worker_log),
         "--idle-timeout", str(settings.idle_timeout_s), "--spec", json.dumps(asdict(spec)),
     ]  # fmt: skip
     logger.info("starting a %s worker (log: %s)", spec.service, worker_log)
-    with open(worker_log, "a") as log:
+    # stdout (what native code prints) beside the socket, not in the output folder (see _LogPerRecord)
+    with open(_output_path(path), "w") as output:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
     deadline = time.monotonic() + settings.start_timeout_s
     while time.monotonic() < deadline:
@@ -188,11 +189,15 @@ def _start_worker(spec: WorkerSpec, path: Path, settings: WorkerSettings, worker
         if process.poll() is not None:
             raise ConfigError(
                 f"the {spec.service} worker exited while loading (code {process.returncode}): "
-                f"{_last_line(worker_log)} (log: {worker_log})"
+                f"{_last_line(_output_path(path))} (log: {worker_log})"
             )
         time.sleep(0.1)
     process.kill()
     raise ConfigError(f"the {spec.service} worker did not start in {settings.start_timeout_s:.0f} s (log: {worker_log})")
+
+
+def _output_path(socket_path: Path) -> Path:
+    return socket_path.with_suffix(".out")
 
 
 def _last_line(path) -> str:
@@ -229,14 +234,14 @@ def _exchange(
                 if error["kind"] == "asset":
                     raise AssetError(sha256, error["reason"])
                 raise AssetError(sha256, f"{error['reason']} (in the model worker)")
-    except TimeoutError:
+    except TimeoutError:  # a model's time per asset is bounded: a hang is the machine's (a stuck GPU)
         _kill_worker(path)
-        raise AssetError(sha256, f"timed out after {timeout:.0f} s in the model worker, which was stopped") from None
+        raise TransientError(f"timed out after {timeout:.0f} s in the model worker, which was stopped") from None
     except ConnectionError:
         pass  # the worker went away: retried if it had not accepted the request
     if not accepted:
         return False
-    raise AssetError(sha256, f"the model worker died while processing it (log: {worker_log})")
+    raise TransientError(f"the model worker died while processing it (log: {worker_log})")
 
 
 def _kill_worker(path: Path) -> None:
@@ -247,6 +252,16 @@ def _kill_worker(path: Path) -> None:
 
 
 # --- server --------------------------------------------------------------------------------
+
+
+class _LogPerRecord(logging.FileHandler):
+    """Opens the log file for each record: a worker outlives the run that started it, and a
+    file it kept open in that run's output folder would stop the folder's filesystem from
+    being unmounted until the worker exits."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.close()
 
 
 class _StreamToClient(logging.Handler):
@@ -336,9 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="slatflow model worker (started by jobs, not by hand)")
     parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
     parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--log", type=Path, help="the worker's log file (default: stdout)")
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)  # stdout is the worker's log
+    handlers = [_LogPerRecord(args.log, delay=True)] if args.log else None
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True, handlers=handlers)
     spec = WorkerSpec(**json.loads(args.spec))
     try:
         serve(spec, args.socket, args.idle_timeout)

@@ -2,7 +2,8 @@
 
 `scripts/*.py` are adapters of a few lines: they unpack `snakemake.*` and call
 `run_asset_job`, which sends logging to the rule's log, runs the stage function and,
-when an asset fails, writes its quarantine record and exits non-zero with one line.
+when an asset fails, writes its quarantine record and exits non-zero with one line (a
+failure that is the machine's, not the asset's, leaves no quarantine record).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from slatflow.errors import AssetError, ConfigError
-from slatflow.logs import configure_job_logging
+from slatflow.errors import AssetError, ConfigError, transient_cause
+from slatflow.logs import LOG_ONLY, configure_job_logging
 from slatflow.quarantine import clear_failure, record_failure
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,25 @@ def run_asset_job(
     try:
         process()
     except ConfigError as exc:  # wrong for every asset (e.g. a GPU that is absent): no quarantine
-        logger.error("%s: %s", stage, exc)
+        logger.error("%s: %s\n%s", stage, exc, traceback.format_exc(), extra=LOG_ONLY)
         print(f"slatflow: {stage}: {exc} (log: {log_path})", file=sys.stderr)
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - any other failure quarantines this asset only
+    except Exception as exc:  # noqa: BLE001 - any other failure: this asset only
         reason = exc.reason if isinstance(exc, AssetError) else f"{type(exc).__name__}: {exc}"
-        logger.error("%s failed for %s: %s\n%s", stage, sha256, reason, traceback.format_exc())
-        record_failure(out_dir, stage, sha256, reason, log_path)
-        print(f"slatflow: asset {sha256} failed in {stage}: {reason} (log: {log_path})", file=sys.stderr)
+        reason = " ".join(reason.split())
+        # the traceback goes to the log only: the console gets the one line printed below
+        logger.error("%s failed for %s: %s\n%s", stage, sha256, reason, traceback.format_exc(), extra=LOG_ONLY)
+        cause = transient_cause(exc)
+        if cause is not None:  # the machine's fault: no quarantine, the next run retries
+            record_failure(out_dir, stage, sha256, reason, log_path, transient=True)
+            print(
+                f"slatflow: asset {sha256} failed in {stage} for a reason that is not the asset's ({cause}), "
+                f"not quarantined, the next run retries it: {reason} (log: {log_path})",
+                file=sys.stderr,
+            )
+        else:
+            record_failure(out_dir, stage, sha256, reason, log_path)
+            print(f"slatflow: asset {sha256} failed in {stage}: {reason} (log: {log_path})", file=sys.stderr)
         sys.exit(1)
     clear_failure(out_dir, stage, sha256)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
 
-from slatflow.errors import AssetError
+from slatflow.errors import AssetError, TransientError
 from slatflow.quarantine import failure_path, load_failures, quarantined_sha256s, record_failure
 from slatflow.workflow import run_asset_job
 
@@ -70,3 +73,92 @@ def test_a_config_error_stops_the_job_without_quarantining_the_asset(tmp_path):
     assert exit_info.value.code == 2
     assert quarantined_sha256s(tmp_path) == set()
     assert "no CUDA device" in (tmp_path / "logs" / "job.log").read_text()
+
+
+def test_a_failed_asset_prints_one_line_and_keeps_the_traceback_in_its_log(tmp_path, capsys):
+    def process():
+        raise AssetError(SHA, "no mesh objects after import")
+
+    with pytest.raises(SystemExit):
+        run_asset_job(fake_job(tmp_path), "render", process)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"slatflow: asset {SHA} failed in render: no mesh objects after import (log: {tmp_path / 'logs' / 'job.log'})"
+    ]
+    assert "Traceback (most recent call last)" in (tmp_path / "logs" / "job.log").read_text()
+
+
+def _disk_full():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/voxels/x.ply")
+
+
+def _asset_error_while_disk_full():
+    try:
+        _disk_full()
+    except OSError as exc:
+        raise AssetError(SHA, f"cannot write the voxels: {exc.strerror}") from None
+
+
+def _cuda_oom():
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name, without torch
+        pass
+
+    raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize(
+    "fault, cause",
+    [
+        (_disk_full, "No space left on device (ENOSPC)"),
+        (_asset_error_while_disk_full, "No space left on device (ENOSPC)"),
+        (lambda: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")), "Input/output error (EIO)"),
+        (lambda: (_ for _ in ()).throw(MemoryError()), "out of memory (MemoryError)"),
+        (_cuda_oom, "CUDA out of memory"),
+        (lambda: (_ for _ in ()).throw(AssetError(SHA, "RuntimeError: CUDA error: illegal address (in the model worker)")), "CUDA error"),
+        (lambda: (_ for _ in ()).throw(TransientError("the model worker died while processing it")), "the model worker died"),
+    ],
+)
+def test_a_failure_that_is_not_the_assets_is_not_quarantined(tmp_path, capsys, fault, cause):
+    from slatflow.quarantine import failure_summary, transient_path
+
+    started = time.time() - 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_asset_job(fake_job(tmp_path), "voxelize", fault)
+    assert exit_info.value.code == 1, "the job fails, so the run does not count the asset done"
+    assert quarantined_sha256s(tmp_path) == set(), "the next run retries it"
+    err = capsys.readouterr().err
+    assert cause in err and "not quarantined, the next run retries it" in err
+    assert transient_path(tmp_path, "voxelize", SHA).is_file()
+    summary = failure_summary(tmp_path, since=started)
+    assert "1 asset(s) failed for a reason that is not the asset's (voxelize: 1" in summary
+    assert "quarantined (" not in summary
+    run_asset_job(fake_job(tmp_path), "voxelize", lambda: None)  # the retry succeeds
+    assert not transient_path(tmp_path, "voxelize", SHA).exists()
+    assert "no asset is quarantined" in failure_summary(tmp_path, since=started)
+
+
+def test_the_summary_tells_quarantined_from_transient_and_leaves_out_older_runs(tmp_path):
+    from slatflow.quarantine import failure_summary, transient_path
+
+    record_failure(tmp_path, "render", SHA, "no mesh objects")
+    record_failure(tmp_path, "features", "d" * 64, "No space left on device", transient=True)
+    summary = failure_summary(tmp_path, since=time.time() - 60).splitlines()
+    assert summary[0].startswith("slatflow: 1 asset(s) quarantined (render: 1)")
+    assert summary[1].startswith("slatflow: 1 asset(s) failed for a reason that is not the asset's (features: 1;")
+    os.utime(transient_path(tmp_path, "features", "d" * 64), (0, 0))  # from an earlier run
+    assert len(failure_summary(tmp_path, since=time.time() - 60).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda: (_ for _ in ()).throw(AssetError(SHA, "2 vertices are not finite")),
+        lambda: (_ for _ in ()).throw(OSError(errno.ENOENT, "No such file or directory")),
+        lambda: (_ for _ in ()).throw(ValueError("truncated PLY")),
+    ],
+)
+def test_an_assets_own_fault_is_still_quarantined(tmp_path, fault):
+    with pytest.raises(SystemExit):
+        run_asset_job(fake_job(tmp_path), "voxelize", fault)
+    assert quarantined_sha256s(tmp_path) == {SHA}

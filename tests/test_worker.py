@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, stop_workers
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, ConfigError, TransientError
 from slatflow.worker import WorkerSettings, WorkerSpec, run_request
 
 TOY = "worker_toy:make"
@@ -76,7 +76,7 @@ def test_an_unexpected_error_fails_the_asset_and_retires_the_worker(toy, tmp_pat
 
 def test_a_worker_that_dies_fails_only_its_asset(toy, tmp_path):
     spec, settings = toy
-    with pytest.raises(AssetError, match="died while processing"):
+    with pytest.raises(TransientError, match="died while processing"):
         run_request(spec, request(tmp_path, "a", "die"), settings, tmp_path / "logs")
     run_request(spec, request(tmp_path, "b"), settings, tmp_path / "logs")
     assert (tmp_path / "b.out").exists()
@@ -86,7 +86,7 @@ def test_a_hanging_asset_times_out_and_the_worker_is_stopped(toy, tmp_path):
     spec, settings = toy
     settings = WorkerSettings(**{**settings.__dict__, "request_timeout_s": 2})
     start = time.monotonic()
-    with pytest.raises(AssetError, match="timed out after 2 s"):
+    with pytest.raises(TransientError, match="timed out after 2 s"):
         run_request(spec, request(tmp_path, "a", "hang"), settings, tmp_path / "logs")
     assert time.monotonic() - start < 30
     hung_pid = int(loads(tmp_path)[0])
@@ -94,6 +94,16 @@ def test_a_hanging_asset_times_out_and_the_worker_is_stopped(toy, tmp_path):
     while time.monotonic() < deadline and Path(f"/proc/{hung_pid}").exists():
         time.sleep(0.1)
     assert not Path(f"/proc/{hung_pid}").exists() or "Z" in Path(f"/proc/{hung_pid}/stat").read_text().split()[2]
+
+
+def test_a_worker_keeps_no_file_open_in_the_output_folder(toy, tmp_path):
+    spec, settings = toy
+    run_request(spec, request(tmp_path, "a"), settings, tmp_path / "logs")
+    pid = int(loads(tmp_path)[0])
+    open_files = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.exists()]
+    assert not [f for f in open_files if f.startswith(str(tmp_path))], open_files
+    assert os.readlink(f"/proc/{pid}/cwd") != str(tmp_path)
+    assert "ready on" in next((tmp_path / "logs").glob("*.log")).read_text(), "its log is still written"
 
 
 def test_a_model_that_fails_to_load_is_a_config_error(toy, tmp_path):
