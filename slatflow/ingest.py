@@ -14,10 +14,11 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterator, Literal
 
 import pandas as pd
 
@@ -88,13 +89,16 @@ def sha256_of_file(path: str | os.PathLike) -> str:
 
 
 def source_fingerprint(source: SourceConfig) -> str:
-    """A cheap digest of the source's state (names, sizes, mtimes): a change re-runs ingest."""
+    """A cheap digest of the source's state (names, sizes, mtimes): a change re-runs ingest.
+
+    Entries the scan leaves out (broken links, loops) are left out here too, silently: ingest
+    reports them.
+    """
     digest = hashlib.sha256(repr(source).encode())
     path = Path(source.path)
     if source.type == "local":
         if path.is_dir():
-            for file in sorted(_walk_files(path)):
-                st = file.stat()
+            for file, st in sorted(walk_source_files(path, problems=[])):
                 digest.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     elif source.type == "csv" and path.is_file():
         st = path.stat()
@@ -102,12 +106,56 @@ def source_fingerprint(source: SourceConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def _walk_files(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+def walk_source_files(root: Path, problems: list[str]) -> Iterator[tuple[Path, os.stat_result]]:
+    """The regular files under `root` (hidden names left out), with their stat.
+
+    Links are followed, each real folder is scanned once, and a link to a folder that holds
+    `root` (`.`, `..`, `/`) is not followed (os.walk would go round it until ELOOP, or for
+    ever). What cannot be used is left out and described in `problems`, one line each: a
+    dangling link, a loop of file links, a folder reached again through another link, a
+    FIFO or device (reading one would block), an unreadable folder.
+
+    Args:
+        root: the source folder.
+        problems: appended to, one line per entry left out.
+    """
+    real_root = os.path.realpath(root)
+    scanned = {real_root}
+
+    def unreadable_folder(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: unreadable folder ({exc.strerror or exc})")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
+        kept = []
+        # real folders before links, so a folder is scanned under its own path when it can be
+        for name in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+            if name.startswith("."):
+                continue
+            folder = os.path.join(dirpath, name)
+            real = os.path.realpath(folder)
+            if real == real_root or real_root.startswith(real.rstrip(os.sep) + os.sep):
+                problems.append(f"{folder}: a link to {real}, which holds the source folder (a loop), not followed")
+            elif real in scanned:
+                problems.append(f"{folder}: a link to {real}, already scanned through another path, not followed")
+            else:
+                scanned.add(real)
+                kept.append(name)
+        dirnames[:] = kept
         for name in filenames:
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError as exc:  # a dangling link (ENOENT) or a loop of links (ELOOP)
+                target = os.readlink(path) if path.is_symlink() else ""
+                kind = f"a link to {target!r} that cannot be followed" if target else "cannot be read"
+                problems.append(f"{path}: {kind} ({exc.strerror or exc})")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{path}: not a regular file (a FIFO, socket or device)")
+                continue
+            yield path, st
 
 
 def _previous_hashes(previous_manifest: str | os.PathLike | None, out_dir: Path) -> dict[tuple, str]:
@@ -159,8 +207,8 @@ def scan_local_folder(
         raise ConfigError(f"source.path {str(folder)!r} is not readable")
 
     cache = _previous_hashes(previous_manifest, out_dir)
-    rows, other_extensions, unreadable = [], Counter(), []
-    for path in sorted(_walk_files(folder)):
+    rows, other_extensions, unreadable, left_out = [], Counter(), [], []
+    for path, _ in sorted(walk_source_files(folder, left_out)):
         ext = path.suffix.lower()
         if ext not in ASSET_EXTENSIONS:
             if ext not in COMPANION_EXTENSIONS:
@@ -187,6 +235,8 @@ def scan_local_folder(
     if other_extensions:
         listed = ", ".join(f"{ext} x{n}" for ext, n in sorted(other_extensions.items()))
         logger.warning("ignored files that are not 3D assets or their companions: %s", listed)
+    for line in left_out:
+        logger.warning("source entry left out: %s", line)
     for line in unreadable:
         logger.error("unreadable source file, left out: %s", line)
     if not rows:

@@ -172,3 +172,40 @@ def test_select_assets_leaves_out_quarantined_unless_retrying(small_assets, tmp_
     assert bad in select_assets(out / "manifest.csv", out, retry_failed=True)
     both = select_assets(out / "manifest.csv", out, "0/2") + select_assets(out / "manifest.csv", out, "1/2")
     assert sorted(both) == sorted(set(manifest["sha256"]) - {bad})
+
+
+def test_broken_links_and_folder_loops_are_left_out_with_one_line_each(small_assets, tmp_path, caplog):
+    """Each bad entry is one warning and left out; loops are not followed; nothing hangs."""
+    import logging
+    import time
+
+    assets = tmp_path / "assets"
+    (assets / "gone.obj").symlink_to(assets / "missing.obj")  # dangling
+    (assets / "loop_a.glb").symlink_to(assets / "loop_b.glb")  # a loop of file links: ELOOP
+    (assets / "loop_b.glb").symlink_to(assets / "loop_a.glb")
+    (assets / "here").symlink_to(".")  # a folder link to the folder itself
+    (assets / "nested" / "up").symlink_to("..")  # and to a folder above
+    (assets / "again").symlink_to(assets / "nested")  # the same real folder twice
+    os.mkfifo(assets / "pipe.stl")  # reading it would block for ever
+    out = tmp_path / "out"
+    out.mkdir()
+    started = time.monotonic()
+    source = SourceConfig(type="local", path=str(assets))
+    assert source_fingerprint(source) == source_fingerprint(source)
+    with caplog.at_level(logging.WARNING, logger="slatflow.ingest"):
+        manifest = scan_local_folder(assets, out)
+    assert time.monotonic() - started < 10
+    assert sorted(manifest["file_identifier"]) == ["box.obj", "cone.stl", "nested/ball.glb"]
+    left_out = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source entry left out")]
+    assert len(left_out) == 7, left_out
+    for name, cause in [
+        ("gone.obj", "No such file or directory"),
+        ("loop_a.glb", "Too many levels of symbolic links"),
+        ("loop_b.glb", "Too many levels of symbolic links"),
+        ("here", "which holds the source folder (a loop)"),
+        ("nested/up", "which holds the source folder (a loop)"),
+        ("again", "already scanned through another path"),
+        ("pipe.stl", "not a regular file"),
+    ]:
+        assert sum(f"{assets / name}:" in line and cause in line for line in left_out) == 1, (name, left_out)
+    assert all("\n" not in line for line in left_out)
