@@ -215,27 +215,43 @@ def _img(image, caption: str) -> str:
 
 
 def asset_previews(out_dir: Path, sha256: str) -> str:
-    """One asset's row: a few renders, its voxels and its watertight mesh, side by side."""
+    """One asset's row: a few renders, its voxels and its watertight mesh, side by side.
+
+    A file that cannot be read (a quarantined asset's leftovers, a truncated file) becomes a
+    tile that says so: one asset's file never stops the report.
+    """
     from slatflow.io import read_ply_points
     from slatflow.voxelize import read_mesh_ply
+
+    def voxel_tile(path: Path) -> str:
+        centres = read_ply_points(path)
+        return _img(voxel_preview(centres), f"voxels ({len(centres)})")
+
+    def mesh_tile(path: Path) -> str:
+        vertices, faces = read_mesh_ply(path, sha256)
+        return _img(mesh_preview(vertices, faces), f"watertight mesh ({len(faces)} faces)")
 
     tiles = []
     views = sorted((out_dir / "renders" / sha256).glob("[0-9][0-9][0-9].png"))
     spread = np.linspace(0, len(views) - 1, RENDER_PREVIEWS).round().astype(int) if views else []
     for path in sorted({views[i] for i in spread}):
-        tiles.append(_img(render_thumbnail(path), f"render {path.stem}"))
-    voxels = out_dir / "voxels" / f"{sha256}.ply"
-    if voxels.is_file():
-        centres = read_ply_points(voxels)
-        tiles.append(_img(voxel_preview(centres), f"voxels ({len(centres)})"))
-    for folder, label in (("meshes", "watertight mesh"),):
-        path = out_dir / folder / f"{sha256}.ply"
+        tiles.append(_tile_or_problem(path, lambda p: _img(render_thumbnail(p), f"render {p.stem}")))
+    for path, make in ((out_dir / "voxels" / f"{sha256}.ply", voxel_tile), (out_dir / "meshes" / f"{sha256}.ply", mesh_tile)):
         if path.is_file():
-            vertices, faces = read_mesh_ply(path, sha256)
-            tiles.append(_img(mesh_preview(vertices, faces), f"{label} ({len(faces)} faces)"))
+            tiles.append(_tile_or_problem(path, make))
     if not tiles:
         tiles.append("<p>no renders, voxels or mesh on disk yet</p>")
     return f'<div class="grid">{"".join(tiles)}</div>'
+
+
+def _tile_or_problem(path: Path, make) -> str:
+    """`make(path)`, or a tile naming the file and why it cannot be drawn."""
+    try:
+        return make(path)
+    except Exception as exc:  # noqa: BLE001 - any reader's error: the page goes on without it
+        reason = " ".join(str(getattr(exc, "reason", exc)).split())[:300] or type(exc).__name__
+        logger.warning("report: cannot draw %s: %s: %s", path, type(exc).__name__, reason)
+        return f'<div class="tile bad">{_e(path.parent.name)}/{_e(path.name)}<br/>unreadable: {_e(reason)}</div>'
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,3 +164,28 @@ def test_benchmarks_of_model_stages_are_read_from_their_model_folders(tmp_path):
     seconds = report.read_benchmarks(tmp_path)
     assert set(seconds) == {"extract_mesh", "extract_features"}
     assert seconds["extract_features"].tolist() == [2.0]
+
+
+def test_an_unreadable_output_becomes_a_tile_that_says_so(tmp_path):
+    """A quarantined asset's truncated voxels, random-byte mesh and zero-byte render: the
+    report is written and names each file's problem."""
+    from PIL import Image
+
+    build_out_tree(tmp_path)
+    renders = tmp_path / "renders" / FAILED
+    renders.mkdir(parents=True)
+    Image.new("RGBA", (8, 8)).save(renders / "000.png")
+    (renders / "001.png").write_bytes(b"")
+    voxels = (tmp_path / "voxels" / f"{GOOD}.ply").read_bytes()
+    (tmp_path / "voxels" / f"{FAILED}.ply").write_bytes(voxels[: len(voxels) // 2])
+    (tmp_path / "meshes" / f"{FAILED}.ply").write_bytes(np.random.default_rng(0).bytes(4096))
+    record_failure(tmp_path, "voxelize", FAILED, "truncated voxels")
+    html_text = report.build_report(tmp_path, num_previews=3)
+    checker = NestingChecker()
+    checker.feed(html_text)
+    assert not checker.errors
+    block = html_text.split(f"<code>{FAILED}</code>", 1)[1].split('<div class="asset">', 1)[0]
+    for name in ("001.png", f"{FAILED}.ply"):
+        assert f"{name}<br/>unreadable: " in block, name
+    assert block.count("unreadable: ") == 3, "the voxels, the mesh and the empty render"
+    assert "render 000" in block, "the readable render is still drawn"
