@@ -45,7 +45,7 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
     read_random_weights_flags,
     resolve_arch,
 )
-from slatflow.io import save_npz_atomic, write_json_atomic
+from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32
 
@@ -221,7 +221,7 @@ def decode_view(path: Path, image_size: int | None, sha256: str) -> np.ndarray:
                 image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
             return np.asarray(image)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise AssetError(sha256, f"cannot decode view {path}: {type(exc).__name__}: {exc}", STAGE) from None
+        raise AssetError(sha256, f"cannot decode view {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from None
 
 
 # PIL's 8-bit resampling (libImaging/Resample.c): coefficients in double, normalized, then
@@ -336,7 +336,7 @@ def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
     try:
         positions = read_ply_points(path)
     except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a corrupt file
-        raise AssetError(sha256, f"cannot read voxel PLY {path}: {type(exc).__name__}: {exc}", STAGE) from None
+        raise AssetError(sha256, f"cannot read voxel PLY {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from None
     if len(positions) == 0:
         raise AssetError(sha256, f"voxel file {path} has no points", STAGE)
     grid = (positions + np.float32(0.5)) * np.float32(GRID_RESOLUTION)  # (N, 3), TRELLIS's float32 math
@@ -746,6 +746,10 @@ class FeatureExtractor:
         return FeatureOutcome(job.sha256, job.output_path, seconds, None, features if keep else None)
 
 
+# the TRELLIS contract's arrays, checked on the written file before it is renamed into place
+FEATURE_CONTRACT = {"indices": ("uint8", (None, 3)), "patchtokens": ("float16", (None, None))}
+
+
 def write_features(path: str | os.PathLike, features: AssetFeatures, visibility: bool = False) -> None:
     """Write the contract's npz (`indices`, `patchtokens`) plus provenance flags.
 
@@ -760,7 +764,7 @@ def write_features(path: str | os.PathLike, features: AssetFeatures, visibility:
     }
     if features.views_seen is not None:
         arrays["views_seen"] = features.views_seen
-    save_npz_atomic(path, **arrays)
+    save_npz_atomic(path, contract=FEATURE_CONTRACT, **arrays)
 
 
 def extract_features(

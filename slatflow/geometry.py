@@ -606,18 +606,35 @@ def signed_volume(mesh: TriangleMesh) -> float:
 
 
 def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
-    """Write a binary little-endian triangle PLY (float32 x, y, z; int32 index lists), atomically."""
+    """Write a binary little-endian triangle PLY (float32 x, y, z; int32 index lists), atomically,
+    read back and checked before the rename.
+
+    Raises:
+        OutputCheckError: no faces, or the file does not read back as written.
+    """
+    import errno
+
     from plyfile import PlyData, PlyElement
 
-    from slatflow.io import atomic_path
+    from slatflow.errors import AssetError
+    from slatflow.io import OutputCheckError, atomic_path
+    from slatflow.voxelize import read_mesh_ply
 
     vertex = np.zeros(len(mesh.vertices), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     vertex["x"], vertex["y"], vertex["z"] = np.asarray(mesh.vertices, dtype=np.float32).T
     face = np.zeros(len(mesh.faces), dtype=[("vertex_indices", "<i4", (3,))])
     face["vertex_indices"] = mesh.faces
     ply = PlyData([PlyElement.describe(vertex, "vertex"), PlyElement.describe(face, "face")], byte_order="<")
+    if len(mesh.faces) == 0:
+        raise OutputCheckError(f"{path}: no faces to write")
     with atomic_path(path) as tmp:
         ply.write(str(tmp))
+        try:
+            vertices, faces = read_mesh_ply(tmp, "")
+        except AssetError as exc:
+            raise OutputCheckError(errno.EIO, f"{path} does not read back (Input/output error): {exc.reason}") from exc
+        if len(vertices) != len(mesh.vertices) or not np.array_equal(faces, mesh.faces):
+            raise OutputCheckError(errno.EIO, f"{path} reads back unlike what was written (Input/output error)")
 
 
 def extract_mesh_asset(
@@ -757,7 +774,7 @@ def check_quality_asset(
         AssetError: an input cannot be read or has no surface.
     """
     from slatflow.errors import AssetError
-    from slatflow.io import read_ply_points, write_json_atomic
+    from slatflow.io import read_ply_points, write_json_atomic, written_by
     from slatflow.quality import QualitySettings, render_mask_coverage, suspicious_reasons, surface_metrics
     from slatflow.voxelize import read_mesh_ply
 
@@ -781,7 +798,10 @@ def check_quality_asset(
     if watertight_mesh is not None:
         record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(watertight_mesh, sha256)))
     if voxels is not None:
-        centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
+        try:
+            centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
+        except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
+            raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", "quality") from exc
         indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
         if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
             raise AssetError(

@@ -1,20 +1,46 @@
 """Crash-safe file writing and the small file formats shared by the stages.
 
-Every output is written to a temporary name in its final folder and renamed into
-place, so a killed run never leaves a half-written file under a final name.
+Every output is written to a temporary name in its final folder, read back and checked,
+and renamed into place, so a killed run never leaves a half-written file under a final
+name, and a file under a final name is readable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
+
+# output folder under OUT -> the stage that writes it (named when a later stage cannot read it)
+STAGE_OF_FOLDER = {
+    "renders": "render", "renders_cond": "render_cond", "voxels": "voxelize", "features": "features",
+    "ss_latents": "ss_latent", "latents": "slat_latent", "meshes": "meshes", "sdf": "sdf", "quality": "quality",
+}  # fmt: skip
+
+# An array's contract: its dtype and shape, None for a free dimension.
+ArrayContract = tuple[str, tuple[int | None, ...]]
+
+
+class OutputCheckError(OSError):
+    """An output that does not read back as written, or breaks its contract; raised before the
+    rename, so nothing is left under the final name. An OSError, so the stages' `cannot write`
+    handling reports it; one that reads back unlike what was written carries EIO (the machine's)."""
+
+
+def written_by(path: str | os.PathLike) -> str:
+    """`path`, with the stage that wrote it when it lies in a stage's output folder."""
+    parts = Path(path).parts
+    for folder in reversed(parts[-4:-1]):
+        if folder in STAGE_OF_FOLDER:
+            return f"{path} (written by the {STAGE_OF_FOLDER[folder]} stage)"
+    return str(path)
 
 
 def _file_mode() -> int:
@@ -72,10 +98,51 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """`np.savez_compressed` under a temporary name, then rename (TRELLIS reads npz)."""
+def save_npz_atomic(
+    path: str | os.PathLike, contract: Mapping[str, ArrayContract] | None = None, **arrays: np.ndarray
+) -> None:
+    """`np.savez_compressed` under a temporary name, read back and checked, then renamed (TRELLIS
+    reads npz).
+
+    Args:
+        contract: key -> (dtype, shape with None for a free dimension) of the arrays the
+            format requires; each must be there, as described, and not empty.
+
+    Raises:
+        OutputCheckError: an array breaks the contract, or the file does not read back as
+            written; nothing is left under `path`.
+    """
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
+    for key, (dtype, shape) in (contract or {}).items():
+        array = arrays.get(key)
+        if array is None:
+            raise OutputCheckError(f"{path}: no {key!r} array")
+        if array.dtype != np.dtype(dtype) or len(array.shape) != len(shape) or any(
+            want is not None and got != want for got, want in zip(array.shape, shape)
+        ):
+            raise OutputCheckError(f"{path}: {key!r} is {array.dtype} {array.shape}, expected {dtype} {shape}")
+        if array.size == 0:
+            raise OutputCheckError(f"{path}: {key!r} is empty {array.shape}")
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+        _check_npz_reads_back(tmp, path, arrays)
+
+
+def _check_npz_reads_back(tmp: Path, path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    import zipfile
+
+    try:
+        with np.load(tmp, allow_pickle=False) as data:
+            if sorted(data.files) != sorted(arrays):
+                raise ValueError(f"holds {sorted(data.files)}, not {sorted(arrays)}")
+            for key, array in arrays.items():
+                stored = data[key]
+                if stored.dtype != array.dtype or stored.shape != array.shape:
+                    raise ValueError(f"{key!r} reads back as {stored.dtype} {stored.shape}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise OutputCheckError(
+            errno.EIO, f"{path} does not read back as written (Input/output error): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def write_points_ply(path: str | os.PathLike, points: np.ndarray) -> None:
@@ -92,6 +159,12 @@ def write_points_ply(path: str | os.PathLike, points: np.ndarray) -> None:
     ply = PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<")
     with atomic_path(path) as tmp:
         ply.write(str(tmp))
+        try:
+            same = np.array_equal(read_ply_points(tmp), points, equal_nan=True)
+        except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
+            raise OutputCheckError(errno.EIO, f"{path} does not read back (Input/output error): {exc}") from exc
+        if not same:
+            raise OutputCheckError(errno.EIO, f"{path} reads back unlike what was written (Input/output error)")
 
 
 def read_ply_points(path: str | os.PathLike) -> np.ndarray:

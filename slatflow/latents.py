@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 import numpy as np
 
 from slatflow.errors import AssetError, ConfigError
-from slatflow.io import save_npz_atomic, write_json_atomic
+from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests and benchmarks
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
@@ -210,6 +210,14 @@ def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int =
     return indices
 
 
+# the TRELLIS contract's arrays of the latent files, checked before each is renamed into place
+LATENT_CONTRACT = {
+    "mean": ("float32", (None, None, None, None)),
+    "feats": ("float32", (None, None)),
+    "coords": ("uint8", (None, 3)),
+}
+
+
 def read_voxel_indices(sha256: str, path: str | Path, resolution: int = VOXEL_RESOLUTION) -> np.ndarray:
     """Read `voxels/<sha>.ply` and return int64 (N, 3) voxel indices (see voxel_indices_from_points)."""
     from slatflow.io import read_ply_points
@@ -217,7 +225,7 @@ def read_voxel_indices(sha256: str, path: str | Path, resolution: int = VOXEL_RE
     try:
         points = read_ply_points(path)  # (N, 3) float32
     except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
-        raise AssetError(sha256, f"unreadable voxel file {path}: {type(exc).__name__}: {exc}", SS_STAGE) from exc
+        raise AssetError(sha256, f"unreadable voxel file {written_by(path)}: {type(exc).__name__}: {exc}", SS_STAGE) from exc
     return voxel_indices_from_points(sha256, points, resolution)
 
 
@@ -256,7 +264,9 @@ def read_sparse_features(
             indices, tokens = data["indices"], data["patchtokens"]
             random_weights = bool(data["random_weights"]) if "random_weights" in data.files else False
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise bad(f"unreadable feature file: {type(exc).__name__}: {exc}") from exc
+        raise AssetError(
+            sha256, f"unreadable feature file {written_by(path)}: {type(exc).__name__}: {exc}", SLAT_STAGE
+        ) from exc
 
     if indices.ndim != 2 or indices.shape[1] != 3:
         raise bad(f"indices have shape {indices.shape}, expected (N, 3)")
@@ -405,7 +415,8 @@ def _encode_all(
 
     def write(job: LatentJob, arrays: dict[str, np.ndarray]) -> None:
         arrays["random_weights"] = np.bool_(random_weights or bool(arrays.get("random_weights", False)))
-        save_npz_atomic(job.output, **arrays)
+        contract = {key: LATENT_CONTRACT[key] for key in arrays if key in LATENT_CONTRACT}
+        save_npz_atomic(job.output, contract=contract, **arrays)
 
     with ThreadPoolExecutor(max_workers=2) as writer:
         writes: list[tuple[LatentJob, Future]] = []

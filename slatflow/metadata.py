@@ -93,13 +93,14 @@ def stage_columns(out_dir: Path, index: pd.Index, models: ModelNames) -> pd.Data
     columns: dict[str, pd.Series] = {}
     columns["rendered"] = _flag(index, _complete_render_dirs(out_dir / "renders"))
     voxelized = _names_with_suffix(out_dir / "voxels", ".ply") & set(index)
-    columns["voxelized"] = _flag(index, voxelized)
     num_voxels = pd.Series(pd.NA, index=index, dtype="Int64")
-    for sha in voxelized:
+    for sha in sorted(voxelized):
         try:
             num_voxels[sha] = ply_vertex_count(out_dir / "voxels" / f"{sha}.ply")
         except (OSError, ValueError) as exc:
-            logger.warning("asset %s: unreadable voxel file: %s", sha, exc)
+            logger.warning("asset %s: unreadable voxel file, voxelized is False: %s", sha, exc)
+            voxelized.discard(sha)
+    columns["voxelized"] = _flag(index, voxelized)
     columns["num_voxels"] = num_voxels
     columns["cond_rendered"] = _flag(index, _complete_render_dirs(out_dir / "renders_cond"))
     for prefix, folder, configured in (

@@ -357,6 +357,7 @@ def _render_to(
         try:
             result = _run_blender(sha256, job_path, job["result_path"], work, settings, stage)
             _check_outputs(sha256, staging, len(views), save_mesh, stage)
+            _check_readable(sha256, staging, settings.resolution, save_mesh, stage)
             _move_into_place(staging, final_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -378,6 +379,35 @@ def _check_outputs(sha256: str, staging: Path, num_views: int, save_mesh: bool, 
     if missing:
         raise AssetError(sha256, f"Blender exited cleanly but did not write {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}", stage)
+
+
+def _check_readable(sha256: str, staging: Path, resolution: int, save_mesh: bool, stage: str) -> None:
+    """Every file Blender wrote loads: the views are PNGs of the asked size, transforms.json has
+    a frame per view, mesh.ply has triangles (checked before the rename, so a render under its
+    final name is readable)."""
+    from PIL import Image
+
+    from slatflow.voxelize import read_mesh_ply
+
+    views = sorted(staging.glob("[0-9][0-9][0-9].png"))
+    path = staging / "transforms.json"
+    try:
+        frames = json.loads(path.read_text())["frames"]
+        if len(frames) != len(views):
+            raise ValueError(f"{len(frames)} frames for {len(views)} views")
+        for path in views:
+            with Image.open(path) as image:
+                image.verify()  # reads every chunk and checks its CRC
+                if image.size != (resolution, resolution):
+                    raise ValueError(f"{image.size[0]}x{image.size[1]}, not {resolution}^2")
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError) as exc:
+        raise AssetError(
+            sha256, f"Blender wrote an unreadable {path.name}: {type(exc).__name__}: {exc}", stage
+        ) from exc
+    if save_mesh:
+        _, faces = read_mesh_ply(staging / "mesh.ply", sha256)
+        if len(faces) == 0:
+            raise AssetError(sha256, "Blender wrote a mesh.ply without faces", stage)
 
 
 def _move_into_place(staging: Path, final_dir: Path) -> None:

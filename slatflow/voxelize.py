@@ -404,9 +404,11 @@ def read_mesh_ply(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.
     """
     from plyfile import PlyData, PlyElementParseError, PlyHeaderParseError
 
+    from slatflow.io import written_by
+
     path = Path(path)
     if not path.is_file():
-        raise AssetError(sha256, f"mesh {path} does not exist", STAGE)
+        raise AssetError(sha256, f"mesh {written_by(path)} does not exist", STAGE)
     # Known triangle lists let plyfile memory-map the faces instead of a Python loop
     # per face; it raises when a face is not a triangle, and we re-read to say which.
     triangle_lists = {"face": {"vertex_indices": 3, "vertex_index": 3}}
@@ -426,7 +428,7 @@ def read_mesh_ply(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.
         vertices = np.stack([vertex[name] for name in "xyz"], axis=-1).astype(np.float64)  # (V, 3)
         faces = _read_faces(ply, path, sha256)  # (F, 3)
     except (PlyElementParseError, PlyHeaderParseError, ValueError, OSError, EOFError) as exc:
-        raise AssetError(sha256, f"cannot read mesh {path}: {type(exc).__name__}: {exc}", STAGE) from exc
+        raise AssetError(sha256, f"cannot read mesh {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from exc
     if len(vertices) == 0:
         raise AssetError(sha256, f"mesh {path} has no vertices (expected a triangle mesh)", STAGE)
     if len(faces) == 0:

@@ -89,3 +89,13 @@ def test_the_earliest_stage_of_several_failures_is_shown(small_assets, tmp_path)
     record_failure(out, "voxelize", sha, "no faces (voxelize)")
     metadata = write_metadata(out, out / "manifest.csv", out / "metadata.csv", out / "statistics.txt", MODELS)
     assert metadata.loc[sha, "failed_stage"] == "voxelize"
+
+
+def test_a_voxel_file_without_a_readable_header_is_not_voxelized(small_assets, tmp_path):
+    out = tmp_path / "out"
+    manifest = build_manifest(SourceConfig(type="local", path=str(tmp_path / "assets")), out, out / "manifest.csv")
+    good, bad, _ = manifest["sha256"]
+    write_points_ply(out / "voxels" / f"{good}.ply", np.zeros((5, 3)))
+    (out / "voxels" / f"{bad}.ply").write_bytes(b"ply\nformat binary_lit")  # cut inside the header
+    metadata = write_metadata(out, out / "manifest.csv", out / "metadata.csv", out / "statistics.txt", MODELS)
+    assert metadata.loc[good, "voxelized"] and not metadata.loc[bad, "voxelized"]

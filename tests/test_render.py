@@ -215,15 +215,31 @@ def test_a_clean_exit_without_outputs_is_not_a_render(tmp_path):
 
 
 _WRITE_OUTPUTS = """
-import json, sys
+import json, os, sys
+import trimesh
+from PIL import Image
 job = json.load(open(sys.argv[2]))
-import os
-os.makedirs(job["output_dir"], exist_ok=True)
+out = job["output_dir"]
+os.makedirs(out, exist_ok=True)
 for i in range(len(job["views"])):
-    open(os.path.join(job["output_dir"], f"{i:03d}.png"), "wb").write(b"png")
-open(os.path.join(job["output_dir"], "mesh.ply"), "wb").write(b"ply")
-open(os.path.join(job["output_dir"], "transforms.json"), "w").write("{}")
+    Image.new("RGBA", (job["resolution"],) * 2).save(os.path.join(out, f"{i:03d}.png"))
+trimesh.creation.box().export(os.path.join(out, "mesh.ply"))
+json.dump({"frames": [{}] * len(job["views"])}, open(os.path.join(out, "transforms.json"), "w"))
+DAMAGE = None
+if DAMAGE:
+    name, keep = DAMAGE
+    path = os.path.join(out, name)
+    open(path, "r+b").truncate(keep)
 """
+
+
+@pytest.mark.parametrize("damage", [("001.png", 60), ("mesh.ply", 200), ("transforms.json", 5)])
+def test_a_render_that_does_not_load_is_never_moved_into_place(tmp_path, damage):
+    (tmp_path / "writer.py").write_text(_WRITE_OUTPUTS.replace("DAMAGE = None", f"DAMAGE = {damage!r}"))
+    python = _stand_in(tmp_path, f'exec {sys.executable} {tmp_path / "writer.py"} "$@"')
+    [result] = render_views([_asset(tmp_path)], tmp_path / "renders", fast_settings(python=python, num_views=2))
+    assert result.error is not None and damage[0] in result.error.reason, result.error
+    assert list((tmp_path / "renders").iterdir()) == [], "nothing under the final name, no staging left"
 
 
 def test_a_new_render_replaces_a_stale_one_whole(tmp_path):
@@ -236,7 +252,7 @@ def test_a_new_render_replaces_a_stale_one_whole(tmp_path):
     [result] = render_views([_asset(tmp_path)], tmp_path / "renders", fast_settings(python=python, num_views=2))
     assert result.error is None
     assert sorted(p.name for p in stale.iterdir()) == ["000.png", "001.png", "mesh.ply", "transforms.json"]
-    assert (stale / "000.png").read_bytes() == b"png"
+    assert (stale / "000.png").read_bytes() != b"stale"
     assert [p.name for p in (tmp_path / "renders").iterdir()] == [SHA_A], "no staging or old folder left"
 
 
