@@ -6,8 +6,9 @@ reproduces TRELLIS's `dataset_toolkits/blender_script/render.py` (Blender 3.0) o
 scene reset, import, normalization over the mesh objects, the three-light rig, a TRACK_TO
 camera, Cycles at the configured settings, then `mesh.ply` and `transforms.json` last.
 
-It imports only the standard library and bpy (and Blender's own `gpu` module for EEVEE), so it
-runs by path in any Python that has bpy, whether or not slatflow is installed there.
+It imports only the standard library and bpy (and Blender's own `gpu` module for EEVEE; numpy
+and trimesh where present, for the NaN check), so it runs by path in any Python that has bpy,
+whether or not slatflow is installed there.
 
 Exit codes (read by `slatflow.render`): 0 done; 3 the asset cannot be rendered (the reason is
 in the result file); 4 the run's settings cannot work here (a GPU that is absent); anything
@@ -163,7 +164,42 @@ def _remove_hidden_objects(bpy) -> None:
     _log(f"removed {len(removed)} hidden object(s) from the .blend: {removed[:20]}")
 
 
+# Blender's importers turn NaN and infinite coordinates into 0 without a word (the asset then
+# renders, voxelizes and fails only the quality check), so they are counted in the source file
+# itself, by trimesh, for the formats it reads; the others are left to Blender.
+FINITE_CHECK_FORMATS = {"glb", "gltf", "obj", "ply", "stl"}
+
+
+def count_nonfinite_vertices(source: str, fmt: str) -> int | None:
+    """The vertices of `source` with a NaN or infinite coordinate; None when not counted (a
+    format trimesh does not read, no trimesh here, or a file it cannot parse: Blender's importer
+    then says what is wrong with it)."""
+    if fmt not in FINITE_CHECK_FORMATS:
+        return None
+    try:
+        import numpy as np
+        import trimesh
+    except ImportError:
+        _log("trimesh is not installed here: vertices are not checked for NaN/inf")
+        return None
+    try:
+        scene = trimesh.load(source, file_type=fmt, force="scene", process=False, skip_materials=True)
+    except Exception:  # noqa: BLE001 - any parser error; Blender reports the file's problem
+        return None
+    vertices = [np.asarray(g.vertices, dtype=np.float64) for g in scene.geometry.values() if hasattr(g, "vertices")]
+    return sum(int((~np.isfinite(v).all(axis=1)).sum()) for v in vertices)
+
+
 def load_scene(bpy, source: str, fmt: str) -> None:
+    """Import `source` (or open it, a .blend) as the scene, shared by every render engine.
+
+    Raises:
+        AssetFailure: vertices that are not finite, or a file Blender cannot import.
+    """
+    nonfinite = count_nonfinite_vertices(source, fmt)
+    if nonfinite:
+        raise AssetFailure(f"{nonfinite} vertices are not finite (NaN or infinite coordinates) in "
+                           f"{os.path.basename(source)}")
     if fmt == "blend":
         _open_blend(bpy, source)
     else:

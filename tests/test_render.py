@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -482,3 +483,37 @@ def test_eevee_renders_headless(tmp_path, format_assets):
     assert result.device.startswith("EEVEE on ")
     [agreement] = alpha_geometry_agreement(result.out_dir)
     assert agreement.on_alpha >= 0.95 and agreement.bbox_error_px <= 2
+
+
+def _nonfinite_assets(folder: Path) -> dict[str, Path]:
+    """A triangle pair with one NaN and one infinite vertex, in each format the check reads."""
+    import trimesh
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mesh = trimesh.Trimesh(
+        vertices=[[0, 0, 0], [1, 0, 0], [0.5, 1, 0], [0, 0, 1]], faces=[[0, 1, 2], [0, 1, 3]], process=False
+    )
+    paths = {"obj": folder / "nan.obj"}
+    paths["obj"].write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nv 0 0 inf\nf 1 2 3\nf 1 2 4\n")
+    for fmt in ("ply", "stl", "glb"):
+        data = bytearray(mesh.export(file_type=fmt))
+        # the binary float32 0.5 of vertex 2 becomes NaN (in the glb's buffer, not its JSON bounds)
+        half = struct.pack("<f", 0.5)
+        at = data.index(half, 84 if fmt == "stl" else 0)
+        data[at : at + 4] = struct.pack("<f", float("nan"))
+        paths[fmt] = folder / f"nan.{fmt}"
+        paths[fmt].write_bytes(bytes(data))
+    return paths
+
+
+@pytest.mark.blender
+def test_vertices_that_are_not_finite_quarantine_the_asset(tmp_path):
+    """Blender's importers would turn them into 0: the source is checked before the import."""
+    assets = _nonfinite_assets(tmp_path / "src")
+    results = render_views(
+        [RenderAsset(sha256_of(p), p) for p in assets.values()], tmp_path / "renders", fast_settings()
+    )
+    for fmt, result in zip(assets, results):
+        assert result.error is not None, fmt
+        assert "vertices are not finite (NaN or infinite coordinates)" in result.error.reason, (fmt, result.error)
+    assert not [p for p in (tmp_path / "renders").iterdir() if not p.name.startswith(".")]
