@@ -4,6 +4,7 @@ import functools
 import os
 
 from slatflow.ingest import select_assets, source_paths
+from slatflow.workflow import RUN_PROCESS_ENV, run_process_identity
 
 OUT = os.path.normpath(config["output_dir"])
 
@@ -14,6 +15,8 @@ os.environ.update(
         p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
     )
 )
+# The run's Snakemake process, for its jobs to exit with it (slatflow.workflow.exit_with_run).
+os.environ.setdefault(RUN_PROCESS_ENV, run_process_identity())
 
 
 wildcard_constraints:

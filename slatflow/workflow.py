@@ -9,7 +9,12 @@ failure that is the machine's, not the asset's, leaves no quarantine record).
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +24,53 @@ from slatflow.logs import LOG_ONLY, configure_job_logging
 from slatflow.quarantine import clear_failure, record_failure
 
 logger = logging.getLogger(__name__)
+
+# host:pid:start time of the Snakemake process that started the run, set when it parses the
+# workflow (its jobs inherit it; their own parses keep it): a job exits when that process is gone
+RUN_PROCESS_ENV = "SLATFLOW_RUN_PROCESS"
+RUN_POLL_S = 1.0  # how often a job looks for its run's process
+TERM_GRACE_S = 10.0  # after SIGTERM to itself (Blender is killed on the way out), before _exit
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (clock ticks since boot), None when gone or a zombie."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def run_process_identity() -> str:
+    """This process as RUN_PROCESS_ENV names it (the start time tells a reused pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def exit_with_run(poll_s: float = RUN_POLL_S) -> threading.Thread | None:
+    """In a job: stop this job (and, through it, its subprocesses) once the Snakemake process
+    of the run is gone. A Snakemake killed with SIGKILL cannot stop its jobs; they would run
+    on, adopted by init, and write their outputs into a run that no longer exists.
+
+    Returns:
+        the watching thread, or None when the run's process is not on this machine (a SLURM
+        job: SLURM ends it) or is this process.
+    """
+    host, _, rest = os.environ.get(RUN_PROCESS_ENV, "").partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid() or start == "None":
+        return None
+
+    def watch() -> None:
+        while _process_start(int(pid)) == start:
+            time.sleep(poll_s)
+        logger.error("the Snakemake process of this run (pid %s) is gone: stopping this job", pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # the render stage kills Blender's process group on it
+        time.sleep(TERM_GRACE_S)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-run", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_asset_job(
@@ -38,6 +90,7 @@ def run_asset_job(
     out_dir = snakemake.config["output_dir"]
     log_path = snakemake.log[0]
     configure_job_logging(log_path)
+    exit_with_run()
     try:
         process()
     except ConfigError as exc:  # wrong for every asset (e.g. a GPU that is absent): no quarantine
