@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from conftest import REPO, SNAKEMAKE, run_workflow, write_config
@@ -70,3 +71,86 @@ def test_a_hard_kill_of_snakemake_stops_its_jobs_and_blender_and_the_rerun_resum
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert pd.read_csv(tmp_path / "out" / "metadata.csv")["rendered"].all()
 
+
+
+def _bad_inputs(folder: Path, good: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Files a skeptical user would try, beside the good ones: (bad assets, good assets)."""
+    rng = np.random.default_rng(14)
+    box_obj = good["box.obj"].read_text()
+    bad = {
+        "truncated.glb": good["nested/ball.glb"].read_bytes()[:700],
+        "random.glb": rng.bytes(3000),
+        "random.obj": rng.bytes(3000),
+        "random.ply": b"ply\n" + rng.bytes(3000),
+        "random.stl": rng.bytes(3000),
+        "random.fbx": rng.bytes(3000),
+        "empty.obj": b"",
+        "no_faces.obj": b"v 0 0 0\nv 1 0 0\nv 0 1 0\n",
+        "nan.obj": b"v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n",
+    }
+    bad_paths = {}
+    for name, data in bad.items():
+        bad_paths[name] = folder / "bad" / name
+        bad_paths[name].parent.mkdir(parents=True, exist_ok=True)
+        bad_paths[name].write_bytes(data)
+    # degraded but renderable: they finish (Blender renders them without the missing files)
+    more_good = {
+        "no_texture.obj": "mtllib tex.mtl\nusemtl skin\n" + box_obj + "\n# 1\n",
+        "no_mtl.obj": "mtllib nowhere.mtl\nusemtl skin\n" + box_obj + "\n# 2\n",
+        "ünïcødé 模型.obj": box_obj + "\n# 3\n",
+    }
+    good_paths = dict(good)
+    for name, text in more_good.items():
+        good_paths[name] = folder / "odd" / name
+        good_paths[name].parent.mkdir(parents=True, exist_ok=True)
+        good_paths[name].write_text(text, encoding="utf-8")
+    (folder / "odd" / "tex.mtl").write_text("newmtl skin\nmap_Kd gone.png\n")
+    # left out by ingest with a warning line each: not assets, no quarantine record
+    (folder / "dangling.glb").symlink_to(folder / "nowhere.glb")
+    (folder / "loop_a.obj").symlink_to(folder / "loop_b.obj")
+    (folder / "loop_b.obj").symlink_to(folder / "loop_a.obj")
+    (folder / "odd" / "up").symlink_to("..")
+    return bad_paths, good_paths
+
+
+def test_a_folder_of_bad_inputs_twice(small_assets, tmp_path):
+    """Every bad asset: one quarantine record with a one-line reason, no traceback anywhere on
+    the console; every good asset finishes; the second run exits 0; nothing hangs."""
+    from slatflow.ingest import sha256_of_file
+    from slatflow.quarantine import load_failures
+
+    bad, good = _bad_inputs(tmp_path / "assets", small_assets)
+    config = local_config(tmp_path, render={**FAST_RENDER, "timeout_s": 120})
+    started = time.monotonic()
+    first = run_workflow(config, ["voxels"], config_dir=tmp_path, timeout=900)
+    console = first.stdout + first.stderr
+    assert first.returncode != 0, "the failures fail the first run"
+    assert "Traceback" not in console, console[-3000:]
+    for line in ("dangling.glb", "loop_a.obj", "loop_b.obj", "odd/up"):
+        assert f"/{line}:" in console, f"ingest names {line} in one warning line"
+
+    failures = load_failures(tmp_path / "out")
+    by_asset: dict[str, list] = {}
+    for failure in failures:
+        by_asset.setdefault(failure.sha256, []).append(failure)
+    for name, path in bad.items():
+        records = by_asset.get(sha256_of_file(path), [])
+        assert len(records) == 1, (name, records)
+        reason = records[0].reason
+        assert reason and "\n" not in reason and "Traceback" not in reason, (name, reason)
+        assert f"failed in {records[0].stage}: {reason}" in console, "the console has the same one line"
+    assert "vertices are not finite" in by_asset[sha256_of_file(bad["nan.obj"])][0].reason
+    for name, path in good.items():
+        sha = sha256_of_file(path)
+        assert sha not in by_asset, (name, by_asset.get(sha))
+        assert (tmp_path / "out" / "voxels" / f"{sha}.ply").is_file(), name
+
+    second = run_workflow(config, ["voxels"], config_dir=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stdout + second.stderr
+    table = pd.read_csv(tmp_path / "out" / "metadata.csv").set_index("sha256")
+    assert len(table) == len(bad) + len(good)
+    assert table.loc[[sha256_of_file(p) for p in good.values()], "voxelized"].all()
+    assert table.loc[[sha256_of_file(p) for p in bad.values()], "failed_reason"].notna().all()
+    assert len(load_failures(tmp_path / "out")) == len(bad), "no new record, none lost"
+    assert time.monotonic() - started < 900
