@@ -4,6 +4,7 @@ import functools
 import os
 
 from slatflow.ingest import select_assets, source_paths
+from slatflow.metadata import refresh_output_state
 from slatflow.workflow import RUN_PROCESS_ENV, run_process_identity
 
 OUT = os.path.normpath(config["output_dir"])
@@ -171,6 +172,8 @@ def get_metadata_inputs(wildcards):
         for f in target_files(target, included_sha256s()):
             if name in requested or os.path.exists(f):
                 files.append(f)
+    # a deleted output folder (which re-runs no stage) still rebuilds metadata.csv
+    files.append(refresh_output_state(OUT))
     return list(dict.fromkeys(files))  # once each (latent_stats' file has no {sha256})
 
 

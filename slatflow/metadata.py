@@ -12,6 +12,7 @@ Columns: TRELLIS's (`sha256` index, `file_identifier`, `aesthetic_score`, `capti
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from slatflow.ingest import SOURCE_COLUMNS
-from slatflow.io import atomic_path, write_text_atomic
+from slatflow.io import STAGE_OF_FOLDER, atomic_path, write_text_atomic
 from slatflow.models.names import latent_folder_names
 from slatflow.quarantine import load_failures
 
@@ -206,9 +207,48 @@ def write_metadata(
     models: ModelNames,
 ) -> pd.DataFrame:
     """Build the table and write metadata.csv and statistics.txt, each atomically."""
+    refresh_output_state(out_dir)  # the state this table shows (see refresh_output_state)
     metadata = build_metadata(out_dir, manifest_path, models)
     with atomic_path(metadata_path) as tmp:
         metadata.to_csv(tmp)
     write_text_atomic(statistics_path, format_statistics(metadata))
     logger.info("metadata.csv: %d assets, %d columns", len(metadata), metadata.shape[1] + 1)
     return metadata
+
+
+OUTPUT_STATE = "logs/metadata_aggregate.state"
+_NESTED_FOLDERS = ("features", "ss_latents", "latents", "failed")  # a subfolder per model or stage
+
+
+def output_state(out_dir: str | os.PathLike) -> str:
+    """A digest of the entry names in every folder metadata.csv is derived from (no stat calls:
+    one scandir per folder)."""
+    out_dir = Path(out_dir)
+    digest = hashlib.sha256()
+    folders = [out_dir / name for name in STAGE_OF_FOLDER if name not in _NESTED_FOLDERS]
+    for name in _NESTED_FOLDERS:
+        folders += [out_dir / name / sub for sub in _subfolders(out_dir / name)]
+    for folder in sorted(folders):
+        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".")) if folder.is_dir() else []
+        digest.update(f"{folder.relative_to(out_dir)}\0{len(names)}\0".encode())
+        digest.update("\0".join(names).encode())
+    return digest.hexdigest()
+
+
+def refresh_output_state(out_dir: str | os.PathLike) -> Path:
+    """Write OUT/logs/metadata_aggregate.state when the outputs on disk changed; return its path.
+
+    It is an input of metadata.csv, rewritten only on a change, and by the metadata job itself
+    just before it reads the disk: so a deleted folder (renders removed to save space, which
+    re-runs no stage) still makes the next run rebuild metadata.csv, and a finished run leaves
+    the next one nothing to do. A dry-run writes it too (a record of the state, not an output).
+    """
+    path = Path(out_dir) / OUTPUT_STATE
+    state = output_state(out_dir) + "\n"
+    try:
+        unchanged = path.read_text() == state
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        write_text_atomic(path, state)
+    return path

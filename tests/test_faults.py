@@ -154,3 +154,21 @@ def test_a_folder_of_bad_inputs_twice(small_assets, tmp_path):
     assert table.loc[[sha256_of_file(p) for p in bad.values()], "failed_reason"].notna().all()
     assert len(load_failures(tmp_path / "out")) == len(bad), "no new record, none lost"
     assert time.monotonic() - started < 900
+
+
+def test_deleted_renders_show_in_metadata_without_re_rendering(small_assets, tmp_path):
+    """Renders deleted to save space: a downstream target re-runs no stage, metadata.csv is
+    rebuilt and shows them missing, and the run after that has nothing to do."""
+    import shutil
+
+    config = local_config(tmp_path, render=FAST_RENDER)
+    assert run_workflow(config, ["voxels"], config_dir=tmp_path).returncode == 0
+    assert pd.read_csv(tmp_path / "out" / "metadata.csv")["rendered"].all()
+    shutil.rmtree(tmp_path / "out" / "renders")
+    rerun = run_workflow(config, ["voxels"], config_dir=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "render_views" not in rerun.stdout + rerun.stderr
+    table = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    assert not table["rendered"].any() and table["voxelized"].all()
+    again = run_workflow(config, ["voxels"], "-n", config_dir=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
