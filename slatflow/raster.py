@@ -75,14 +75,14 @@ class RasterOptions:
 
     Attributes:
         samples: MSAA samples per pixel.
-        shadow_map_size: texels per side of each light's shadow map.
+        shadow_map_size: texels per side of each light's shadow map; 0 = twice the image's.
         view_transform: "Filmic" (TRELLIS's) or "Standard" (plain sRGB).
         png_threads: threads encoding PNGs; 0 = the CPUs this process may use.
         png_compress_level: zlib level of the PNGs (any level reads the same).
     """
 
     samples: int = 4
-    shadow_map_size: int = 1024
+    shadow_map_size: int = 0
     view_transform: str = "Filmic"
     png_threads: int = 0
     png_compress_level: int = 1
@@ -516,25 +516,19 @@ class Rasterizer:
         self.top_table.repeat_x = False
         self.key_vp = light_view_projection(KEY_LIGHT_POSITION)
         self.top_vps = [light_view_projection(p) for p in self.top_points]
-        size = options.shadow_map_size
-        grid = TOP_LIGHT_SHADOW_GRID
-        self.key_shadow = self._shadow_texture((size, size))
-        self.top_shadow = self._shadow_texture((size * grid, size * grid))
-        self.key_shadow_fbo = self.ctx.framebuffer(depth_attachment=self.key_shadow)
-        self.top_shadow_fbo = self.ctx.framebuffer(depth_attachment=self.top_shadow)
+        self._shadow_maps: dict[int, _ShadowMaps] = {}
         self._targets: dict[int, tuple] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(options.png_threads or _cpu_count())
         self.white = self.ctx.texture((1, 1), 4, b"\xff\xff\xff\xff")
         logger.info("raster engine on %s, %d MSAA samples", self.device, options.samples)
 
-    def _shadow_texture(self, size: tuple[int, int]):
-        import moderngl
-
-        texture = self.ctx.depth_texture(size)
-        texture.compare_func = "<="
-        texture.filter = (moderngl.LINEAR, moderngl.LINEAR)  # 2x2 percentage-closer filtering
-        texture.repeat_x = texture.repeat_y = False
-        return texture
+    def _shadow_maps_for(self, resolution: int) -> "_ShadowMaps":
+        """The lights' depth maps for images of `resolution`, made once per size."""
+        # twice the image's texels keep shadow edges as sharp as the image can show
+        size = self.options.shadow_map_size or min(max(2 * resolution, 256), 2048)
+        if size not in self._shadow_maps:
+            self._shadow_maps[size] = _ShadowMaps(self.ctx, size)
+        return self._shadow_maps[size]
 
     def _targets_for(self, resolution: int):
         """The MSAA and resolved framebuffers of one image size, made once."""
@@ -568,11 +562,12 @@ class Rasterizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         draws = self._upload(primitives)
         try:
-            self._draw_shadows(draws)
+            shadows = self._shadow_maps_for(resolution)
+            self._draw_shadows(draws, shadows)
             times.setup = time.perf_counter() - started
             color, msaa, resolved = self._targets_for(resolution)
             program = self.scene_program
-            self._bind_lights(program)
+            self._bind_lights(program, shadows)
             pending = []
             for i, view in enumerate(views):
                 c2w = np.asarray(view["camera_to_world"], np.float64)
@@ -626,22 +621,23 @@ class Rasterizer:
             raise
         return draws
 
-    def _draw_shadows(self, draws: Sequence["_Draw"]) -> None:
+    def _draw_shadows(self, draws: Sequence["_Draw"], shadows: "_ShadowMaps") -> None:
         import moderngl
 
-        size = self.options.shadow_map_size
+        size = shadows.size
         self.ctx.enable(moderngl.DEPTH_TEST)
         self.ctx.disable(moderngl.CULL_FACE)
         self.ctx.polygon_offset = 1.5, 2.0  # slope-scaled bias against self-shadowing
-        self.key_shadow_fbo.use()
-        self.key_shadow_fbo.clear(depth=1.0)
-        self.key_shadow_fbo.viewport = (0, 0, size, size)
+        shadows.key_fbo.use()
+        shadows.key_fbo.viewport = (0, 0, size, size)
+        shadows.key_fbo.clear(depth=1.0)
         self._draw_depth(draws, self.key_vp)
-        self.top_shadow_fbo.use()
-        self.top_shadow_fbo.clear(depth=1.0)
+        shadows.top_fbo.use()
+        shadows.top_fbo.viewport = (0, 0, size * TOP_LIGHT_SHADOW_GRID, size * TOP_LIGHT_SHADOW_GRID)
+        shadows.top_fbo.clear(depth=1.0)
         for k, vp in enumerate(self.top_vps):
             column, row = k % TOP_LIGHT_SHADOW_GRID, k // TOP_LIGHT_SHADOW_GRID
-            self.top_shadow_fbo.viewport = (column * size, row * size, size, size)
+            shadows.top_fbo.viewport = (column * size, row * size, size, size)
             self._draw_depth(draws, vp)
         self.ctx.polygon_offset = 0.0, 0.0
 
@@ -653,9 +649,9 @@ class Rasterizer:
             if draw.material.alpha_mode == "OPAQUE" or draw.material.base_color[3] >= 0.5:
                 draw.shadow_vao.render(moderngl.TRIANGLES)
 
-    def _bind_lights(self, program) -> None:
-        self.key_shadow.use(location=1)
-        self.top_shadow.use(location=2)
+    def _bind_lights(self, program, shadows: "_ShadowMaps") -> None:
+        shadows.key.use(location=1)
+        shadows.top.use(location=2)
         self.top_table.use(location=3)
         program["key_shadow"].value = 1
         program["top_shadow"].value = 2
@@ -665,7 +661,7 @@ class Rasterizer:
         program["top_vp"].write(np.stack([vp.T for vp in self.top_vps]).astype(np.float32).tobytes())
         program["top_points"].write(self.top_points.tobytes())
         program["top_grid"].value = float(TOP_LIGHT_SHADOW_GRID)
-        program["shadow_texel"].value = 2 * SCENE_RADIUS / self.options.shadow_map_size
+        program["shadow_texel"].value = 2 * SCENE_RADIUS / shadows.size
 
     def _set_material(self, program, draw: "_Draw") -> None:
         material = draw.material
@@ -682,6 +678,23 @@ class Rasterizer:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.ctx.release()
+
+
+class _ShadowMaps:
+    """Depth maps of one size: the key light's, and an atlas of the top light's sample points."""
+
+    def __init__(self, ctx, size: int):
+        import moderngl
+
+        self.size = size
+        self.key = ctx.depth_texture((size, size))
+        self.top = ctx.depth_texture((size * TOP_LIGHT_SHADOW_GRID,) * 2)
+        for texture in (self.key, self.top):
+            texture.compare_func = "<="
+            texture.filter = (moderngl.LINEAR, moderngl.LINEAR)  # 2x2 percentage-closer filtering
+            texture.repeat_x = texture.repeat_y = False
+        self.key_fbo = ctx.framebuffer(depth_attachment=self.key)
+        self.top_fbo = ctx.framebuffer(depth_attachment=self.top)
 
 
 class _Draw:

@@ -383,7 +383,8 @@ def _render_to(
         try:
             result = _run_blender(sha256, job_path, job["result_path"], work, settings, stage)
             if settings.engine == blender_render.RASTER_ENGINE:
-                result = _rasterize(job, result, views, settings, rasterize or _in_process_rasterizer(settings))
+                result = rasterize_exported_scene(job, result, views, settings,
+                                                  rasterize or _in_process_rasterizer(settings))
             _check_outputs(sha256, staging, len(views), save_mesh, stage)
             _move_into_place(staging, final_dir)
         finally:
@@ -391,9 +392,17 @@ def _render_to(
     return result
 
 
-def _rasterize(job: dict, export: dict, views: Sequence[View], settings: RenderSettings,
-               rasterize: Rasterize) -> dict:
-    """The raster engine's views of the scene Blender exported, then transforms.json (last)."""
+def rasterize_exported_scene(job: dict, export: dict, views: Sequence[View], settings: RenderSettings,
+                             rasterize: Rasterize) -> dict:
+    """The raster engine's views of the scene Blender exported, then transforms.json (last).
+
+    Args:
+        job: the Blender job (`sha256`, `scene_path`, `resolution`, `output_dir`, `transforms_extra`).
+        export: Blender's result (`scale`, `offset`, `blender`).
+
+    Returns:
+        the export's result with the raster device and timings.
+    """
     from slatflow.raster import raster_views
 
     frames = raster_views(views)
@@ -412,8 +421,12 @@ def _rasterize(job: dict, export: dict, views: Sequence[View], settings: RenderS
     tmp = path.with_name(".transforms.json.tmp")
     tmp.write_text(json.dumps(transforms, indent=2) + "\n")
     os.replace(tmp, path)
-    per_view = seconds / max(len(frames), 1)
-    return {**export, "device": device, "view_seconds": [per_view] * len(frames), "raster_seconds": seconds}
+    # as for Cycles, the per-view figure leaves out the per-asset setup (scene upload and shadow
+    # maps here, scene sync there), which counts as loading
+    views_seconds = timings.get("draw", seconds) + timings.get("write", 0.0)
+    setup_seconds = seconds - views_seconds
+    return {**export, "device": device, "view_seconds": [views_seconds / max(len(frames), 1)] * len(frames),
+            "load_seconds": export.get("load_seconds", 0.0) + setup_seconds, "raster_seconds": seconds}
 
 
 _RASTERIZERS: dict = {}
