@@ -114,8 +114,9 @@ def measure(asset: RenderAsset, settings: RenderSettings, full_views: int, work:
 
 
 def textured_glb(path: Path, triangles: int = 100_000, texture_size: int = 1024) -> int:
-    """Write a UV sphere of about `triangles` triangles with a seeded noise texture; returns
-    its triangle count."""
+    """Write a UV sphere of about `triangles` triangles with a seeded texture of smooth colour
+    patches and fine stripes (per-texel noise would make PNG encoding, not drawing, the
+    measure: it does not compress); returns its triangle count."""
     import trimesh
     from PIL import Image
 
@@ -124,7 +125,10 @@ def textured_glb(path: Path, triangles: int = 100_000, texture_size: int = 1024)
     x, y, z = sphere.vertices.T
     uv = np.stack([np.arctan2(y, x) / (2 * np.pi) + 0.5, np.arccos(np.clip(z / 0.5, -1, 1)) / np.pi], 1)
     rng = np.random.default_rng(0)
-    texels = rng.integers(0, 256, (texture_size, texture_size, 3), dtype=np.uint8)
+    patches = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize(
+        (texture_size, texture_size), Image.BILINEAR)
+    stripes = (np.arange(texture_size) // 8 % 2 * 40).astype(np.uint8)[None, :, None]  # (1, W, 1)
+    texels = np.clip(np.asarray(patches, np.int16) - stripes, 0, 255).astype(np.uint8)
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texels), roughnessFactor=0.6,
                                                    metallicFactor=0.0)
     sphere.visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
