@@ -171,3 +171,36 @@ def test_raster_images_approximate_cycles(tmp_path, fmt):
     assert figures["mask_iou"] >= 0.98, figures
     assert figures["psnr_db"] >= 24.0, figures
     assert figures["ssim"] >= 0.93, figures
+
+
+@pytest.mark.blender
+def test_features_run_unchanged_on_raster_renders(small_assets, tmp_path):
+    """The workflow with `engine: RASTER`: the raster rules, one raster worker for every job,
+    and voxels and features on its renders exactly as on Cycles'."""
+    import pandas as pd
+
+    from conftest import run_workflow
+
+    out = tmp_path / "out"
+    config = {
+        "output_dir": str(out),
+        "source": {"type": "local", "path": str(small_assets["box.obj"].parent)},
+        "render": {"engine": "RASTER", "num_views": 4, "resolution": 64, "threads": 1},
+        "features": {"model": "dinov2_vits14_reg", "weights": "random", "image_size": 112, "batch_size": 4,
+                     "threads": 1},
+    }
+    result = run_workflow(config, ["features"], config_dir=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "render_views_raster" in result.stdout + result.stderr
+    metadata = pd.read_csv(out / "metadata.csv")
+    assert len(metadata) == len(small_assets)
+    assert metadata["rendered"].all() and metadata["voxelized"].all()
+    assert metadata["feature_dinov2_vits14_reg_112px_random"].all()
+    for sha in metadata["sha256"]:
+        transforms = json.loads((out / "renders" / sha / "transforms.json").read_text())
+        assert transforms["renderer"]["engine"] == "RASTER"
+        features = np.load(out / "features" / "dinov2_vits14_reg_112px_random" / f"{sha}.npz")
+        assert features["patchtokens"].dtype == np.float16 and len(features["indices"]) > 0
+    raster_logs = list((out / "logs" / "workers").glob("raster-*.log"))
+    assert len(raster_logs) == 1  # one worker drew every asset
+    assert raster_logs[0].read_text().count("views rasterized") == len(small_assets)
