@@ -25,7 +25,8 @@ compare only figures from one run. Run from the repository root:
 - where bpy is installed: `blender_export`, Blender's start, import, normalization and glb +
   mesh.ply export of the same glb (CPU seconds per asset), and `sample_cycles` against
   `sample_raster`, the sample's settings with each engine on one sample asset, per view.
-    .venv/bin/python bench/bench_render.py --engine raster --out bench/out/render_raster.json
+    .venv/bin/python bench/bench_render.py --engine raster --out bench/out/render_raster.json  # a GPU
+    .venv/bin/python bench/bench_render.py --engine raster --assets 0  # this CPU
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def raster_figures(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_raster_") as work:
         glb = Path(work) / "textured.glb"
         figures["triangles"] = textured_glb(glb, args.triangles)
-        figures["raster_stream"] = raster_stream(glb, args.assets, Path(work) / "stream")
-        logger.info("raster_stream: %s", figures["raster_stream"])
+        if args.assets:
+            figures["raster_stream"] = raster_stream(glb, args.assets, Path(work) / "stream")
+            logger.info("raster_stream: %s", figures["raster_stream"])
         try:
             import bpy  # noqa: F401
         except ImportError:
@@ -186,7 +188,9 @@ def raster_figures(args) -> dict:
             logger.info("blender_export: %s", figures["blender_export"])
             sample = RenderSettings.from_config(sample_render_settings(), threads=args.threads, timeout_s=7200)
             asset = RenderAsset(sha256_of(args.asset), args.asset)
-            for name, settings in (("sample_cycles", sample), ("sample_raster", dataclasses.replace(sample, engine="RASTER"))):
+            raster_sample = dataclasses.replace(sample, engine="RASTER")
+            measure(asset, raster_sample, raster_sample.num_views, Path(work) / "warm-up")  # a worker is warm
+            for name, settings in (("sample_cycles", sample), ("sample_raster", raster_sample)):
                 figures[name] = measure(asset, settings, settings.num_views, Path(work) / name)
                 logger.info("%s: %s", name, figures[name])
             figures["sample_cycles_over_raster_per_view"] = round(
@@ -198,7 +202,8 @@ def raster_figures(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["cycles", "raster"], default="cycles")
-    parser.add_argument("--assets", type=int, default=5, help="raster: assets timed after the warm-up")
+    parser.add_argument("--assets", type=int, default=5,
+                        help="raster: assets of the stream timed after the warm-up; 0 skips it (slow on a CPU)")
     parser.add_argument("--triangles", type=int, default=100_000, help="raster: the generated glb's size")
     parser.add_argument("--asset", type=Path, default=SAMPLE_ASSETS / "crate_obj" / "crate.obj")
     parser.add_argument("--views", type=int, default=3, help="views rendered at TRELLIS settings")

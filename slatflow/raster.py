@@ -292,11 +292,7 @@ void main() {}
 
 _SCENE_VS = """
 #version 330
-const int TOP_SAMPLES = %(top_samples)d;
 uniform mat4 view_proj;
-uniform mat4 top_vp[TOP_SAMPLES];
-uniform vec3 top_points[TOP_SAMPLES];
-uniform float shadow_texel;
 in vec3 in_position;
 in vec3 in_normal;
 in vec2 in_uv;
@@ -305,15 +301,7 @@ out vec3 v_position;
 out vec3 v_normal;
 out vec2 v_uv;
 out vec4 v_color;
-// each top-light map's clip coordinates, per vertex: 16 matrix products per vertex, not per
-// pixel (measured: the per-pixel products were half of an H200's draw time); the point is
-// moved towards the light, not along the normal, so two-sided surfaces need no orientation
-out vec4 v_top_clip[TOP_SAMPLES];
 void main() {
-    for (int k = 0; k < TOP_SAMPLES; ++k) {
-        vec3 towards = normalize(top_points[k] - in_position);
-        v_top_clip[k] = top_vp[k] * vec4(in_position + towards * shadow_texel * 2.0, 1.0);
-    }
     v_position = in_position;
     v_normal = in_normal;
     v_uv = in_uv;
@@ -340,6 +328,7 @@ uniform sampler2D top_table;  // (TOP_LUT_SIZE, 1)
 uniform sampler2DShadow key_shadow;
 uniform sampler2DShadow top_shadow;  // an atlas of TOP_SAMPLES maps, TOP_GRID x TOP_GRID
 uniform mat4 key_vp;
+uniform mat4 top_vp[TOP_SAMPLES];
 uniform vec3 top_points[TOP_SAMPLES];
 uniform float top_grid;
 uniform float shadow_texel;  // world size of a shadow-map texel, for the normal offset
@@ -347,14 +336,7 @@ in vec3 v_position;
 in vec3 v_normal;
 in vec2 v_uv;
 in vec4 v_color;
-in vec4 v_top_clip[TOP_SAMPLES];
 out vec4 frag;
-
-float top_lookup(vec4 clip, vec2 tile) {
-    vec3 ndc = clip.xyz / clip.w * 0.5 + 0.5;
-    if (any(lessThan(ndc.xy, vec2(0.0))) || any(greaterThan(ndc.xy, vec2(1.0)))) return 1.0;
-    return texture(top_shadow, vec3((tile + ndc.xy) / top_grid, ndc.z - 2e-5));
-}
 
 float shadow_lookup(sampler2DShadow map, mat4 vp, vec3 p, vec2 tile, float tiles) {
     vec4 clip = vp * vec4(p, 1.0);
@@ -403,7 +385,7 @@ void main() {
         float weight = max(dot(n, w), 0.0) * w.z / r2;
         if (weight > 0.0) {
             vec2 tile = vec2(mod(float(k), top_grid), floor(float(k) / top_grid));
-            seen += weight * top_lookup(v_top_clip[k], tile);
+            seen += weight * shadow_lookup(top_shadow, top_vp[k], offset_position, tile, top_grid);
         }
         total += weight;
     }
@@ -522,8 +504,7 @@ class Rasterizer:
             "key_position": "vec3(%r, %r, %r)" % KEY_LIGHT_POSITION, "top_height": TOP_LIGHT_HEIGHT,
             "top_half": TOP_LIGHT_SIDE / 2, "top_radiance": TOP_LIGHT_RADIANCE,
         }
-        self.scene_program = self.ctx.program(vertex_shader=_SCENE_VS % substitutions,
-                                              fragment_shader=_SCENE_FS % substitutions)
+        self.scene_program = self.ctx.program(vertex_shader=_SCENE_VS, fragment_shader=_SCENE_FS % substitutions)
         self.shadow_program = self.ctx.program(vertex_shader=_SHADOW_VS, fragment_shader=_SHADOW_FS)
         self.resolve_program = self.ctx.program(vertex_shader=_QUAD_VS, fragment_shader=_RESOLVE_FS % {
             "middle_grey": MIDDLE_GREY, "log_min": FILMIC_LOG2_MIN, "log_max": FILMIC_LOG2_MAX,
