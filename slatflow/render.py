@@ -104,6 +104,9 @@ class RenderSettings:
                 raise ConfigError(f"render {name} is {getattr(self, name)}, expected >= 1")
         if not 0 < self.fov_degrees < 180:
             raise ConfigError(f"render fov_degrees is {self.fov_degrees}, expected in (0, 180)")
+        if self.engine == blender_render.RASTER_ENGINE and self.view_transform not in ("Filmic", "Standard"):
+            raise ConfigError(f"render engine RASTER supports view_transform Filmic or Standard, "
+                              f"not {self.view_transform!r}")
         if self.radius <= 0 or self.timeout_s <= 0:
             raise ConfigError(f"render radius {self.radius} and timeout_s {self.timeout_s} must be > 0")
 

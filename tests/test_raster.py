@@ -54,6 +54,15 @@ def test_top_light_table_is_the_square_lights_irradiance():
     assert np.all(np.diff(table) >= 0)
 
 
+def test_settings_the_raster_engine_cannot_draw_are_config_errors():
+    from slatflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Filmic or Standard"):
+        RenderSettings(engine="RASTER", view_transform="AgX")
+    assert RenderSettings(engine="RASTER").output_settings()["raster_samples"] == 4
+    assert "raster_samples" not in RenderSettings().output_settings()  # Cycles' renders stay valid
+
+
 def test_bad_scenes_are_asset_errors(tmp_path):
     import trimesh
 
