@@ -16,6 +16,17 @@ files), and the extrapolated seconds per asset = load + first + (V-1) x mean + r
 The CPU is shared on a development machine: the load average is recorded at start and end;
 compare only figures from one run. Run from the repository root:
     .venv/bin/python bench/bench_render.py --views 3 --out bench/out/render_cpu.json
+
+`--engine raster` measures the raster engine instead, in one run:
+- `raster_stream`: a stream of assets through one `Rasterizer` (as the raster worker serves
+  them): a generated 100k-triangle textured glb (trimesh, no Blender needed, so it runs on the
+  GPU machine), 150 views of 512^2 each, after one warm-up asset; per asset the scene load,
+  shadows, draws with read-back, the PNG writes and transforms.json, end to end;
+- where bpy is installed: `blender_export`, Blender's start, import, normalization and glb +
+  mesh.ply export of the same glb (CPU seconds per asset), and `sample_cycles` against
+  `sample_raster`, the sample's settings with each engine on one sample asset, per view.
+    .venv/bin/python bench/bench_render.py --engine raster --out bench/out/render_raster.json  # a GPU
+    .venv/bin/python bench/bench_render.py --engine raster --assets 0  # this CPU
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +50,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from render_fixtures import SAMPLE_ASSETS, sha256_of  # noqa: E402
-from slatflow.render import RenderAsset, RenderSettings, render_views  # noqa: E402
+from slatflow.render import (  # noqa: E402
+    RenderAsset,
+    RenderSettings,
+    render_views,
+    rasterize_exported_scene,
+    trellis_views,
+)
 
 logger = logging.getLogger("bench_render")
 
@@ -83,8 +101,8 @@ def measure(asset: RenderAsset, settings: RenderSettings, full_views: int, work:
         "persistent_data": settings.persistent_data,
         "views_rendered": len(views),
         "load_s": round(result.load_seconds, 2),
-        "first_view_s": round(first, 2),
-        "mean_view_s": round(mean_other, 2),
+        "first_view_s": round(first, 4),
+        "mean_view_s": round(mean_other, 4),
         "rest_s": round(rest, 2),
         "views_per_asset": full_views,
         "seconds_per_asset": round(per_asset, 1),
@@ -96,8 +114,97 @@ def measure(asset: RenderAsset, settings: RenderSettings, full_views: int, work:
     }
 
 
+def textured_glb(path: Path, triangles: int = 100_000, texture_size: int = 1024) -> int:
+    """Write a UV sphere of about `triangles` triangles with a seeded texture of smooth colour
+    patches and fine stripes (per-texel noise would make PNG encoding, not drawing, the
+    measure: it does not compress); returns its triangle count."""
+    import trimesh
+    from PIL import Image
+
+    rings = max(int(np.sqrt(triangles / 4)), 3)  # uv_sphere makes 4 x rings^2 triangles
+    sphere = trimesh.creation.uv_sphere(radius=0.5, count=[rings, rings])
+    x, y, z = sphere.vertices.T
+    uv = np.stack([np.arctan2(y, x) / (2 * np.pi) + 0.5, np.arccos(np.clip(z / 0.5, -1, 1)) / np.pi], 1)
+    rng = np.random.default_rng(0)
+    patches = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize(
+        (texture_size, texture_size), Image.BILINEAR)
+    stripes = (np.arange(texture_size) // 8 % 2 * 40).astype(np.uint8)[None, :, None]  # (1, W, 1)
+    texels = np.clip(np.asarray(patches, np.int16) - stripes, 0, 255).astype(np.uint8)
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texels), roughnessFactor=0.6,
+                                                   metallicFactor=0.0)
+    sphere.visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    sphere.export(path)
+    return len(sphere.faces)
+
+
+def raster_stream(glb: Path, assets: int, work: Path) -> dict:
+    """End-to-end seconds per asset of 150 views at 512^2 through one Rasterizer."""
+    from slatflow import raster
+
+    settings = RenderSettings(engine="RASTER")
+    rasterizer = raster.Rasterizer(raster.RasterOptions(**settings.raster_options()))
+    rasterize = lambda request: raster.render_scene(rasterizer, request)  # noqa: E731
+    per_asset, parts = [], []
+    for i in range(assets + 1):  # the first is the warm-up
+        sha256 = f"{i:064x}"
+        views, extra = trellis_views(sha256, settings.num_views, settings.radius, settings.fov)
+        job = {"sha256": sha256, "scene_path": str(glb), "resolution": settings.resolution,
+               "output_dir": str(work / sha256), "transforms_extra": extra}
+        started = time.perf_counter()
+        result = rasterize_exported_scene(job, {"scale": 1.0, "offset": [0, 0, 0]}, views, settings, rasterize)
+        if i:
+            per_asset.append(time.perf_counter() - started)
+            parts.append(result)
+    rasterizer.close()
+    mean = statistics.mean(per_asset)
+    return {
+        "device": rasterizer.device,
+        "views": settings.num_views,
+        "resolution": settings.resolution,
+        "msaa_samples": settings.raster_samples,
+        "assets_timed": assets,
+        "seconds_per_asset": round(mean, 3),
+        "seconds_per_asset_min": round(min(per_asset), 3),
+        "ms_per_view": round(1000 * mean / settings.num_views, 2),
+        "png_bytes_per_asset": sum(p.stat().st_size for p in (work / f"{1:064x}").glob("*.png")),
+    }
+
+
+def raster_figures(args) -> dict:
+    figures = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench_raster_") as work:
+        glb = Path(work) / "textured.glb"
+        figures["triangles"] = textured_glb(glb, args.triangles)
+        if args.assets:
+            figures["raster_stream"] = raster_stream(glb, args.assets, Path(work) / "stream")
+            logger.info("raster_stream: %s", figures["raster_stream"])
+        try:
+            import bpy  # noqa: F401
+        except ImportError:
+            figures["blender_export"] = "bpy is not installed here"
+        else:
+            export = RenderSettings(engine="RASTER", num_views=1, threads=args.threads, timeout_s=7200)
+            figures["blender_export"] = measure(RenderAsset(sha256_of(glb), glb), export, 1, Path(work) / "export")
+            logger.info("blender_export: %s", figures["blender_export"])
+            sample = RenderSettings.from_config(sample_render_settings(), threads=args.threads, timeout_s=7200)
+            asset = RenderAsset(sha256_of(args.asset), args.asset)
+            raster_sample = dataclasses.replace(sample, engine="RASTER")
+            measure(asset, raster_sample, raster_sample.num_views, Path(work) / "warm-up")  # a worker is warm
+            for name, settings in (("sample_cycles", sample), ("sample_raster", raster_sample)):
+                figures[name] = measure(asset, settings, settings.num_views, Path(work) / name)
+                logger.info("%s: %s", name, figures[name])
+            figures["sample_cycles_over_raster_per_view"] = round(
+                figures["sample_cycles"]["mean_view_s"] / figures["sample_raster"]["mean_view_s"], 1)
+    figures["loadavg_end"] = os.getloadavg()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["cycles", "raster"], default="cycles")
+    parser.add_argument("--assets", type=int, default=5,
+                        help="raster: assets of the stream timed after the warm-up; 0 skips it (slow on a CPU)")
+    parser.add_argument("--triangles", type=int, default=100_000, help="raster: the generated glb's size")
     parser.add_argument("--asset", type=Path, default=SAMPLE_ASSETS / "crate_obj" / "crate.obj")
     parser.add_argument("--views", type=int, default=3, help="views rendered at TRELLIS settings")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -106,6 +213,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("slatflow.blender").setLevel(logging.WARNING)  # Blender's own lines
+    if args.engine == "raster":
+        figures = raster_figures(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+        print(json.dumps(figures, indent=2))
+        return
 
     asset = RenderAsset(sha256_of(args.asset), args.asset)
     figures = {"asset": str(args.asset.relative_to(REPO)) if args.asset.is_relative_to(REPO) else str(args.asset),

@@ -222,7 +222,14 @@ from slatflow.render import CondSettings, RenderSettings
 RENDER = RenderSettings.from_config(config["render"])
 RENDER_COND = CondSettings.from_config(config["render_cond"])
 # Cycles on a GPU, or EEVEE (OpenGL): one GPU job at a time on a machine (profiles/default).
-RENDER_GPU_SLOT = int(RENDER.device != "CPU" or RENDER.engine != "CYCLES")
+# Raster jobs run side by side: their Blender export is CPU work, and one raster worker per
+# machine owns the GL context.
+RENDER_GPU_SLOT = int(
+    RENDER.engine == "BLENDER_EEVEE_NEXT"
+    or (RENDER.engine == "CYCLES" and RENDER.device != "CPU")
+)
+# The raster engine's rules have names of their own, so profiles/slurm can send them to GPUs.
+RENDER_RULE_SUFFIX = "_raster" if RENDER.engine == "RASTER" else ""
 
 
 def render_params():

@@ -14,6 +14,8 @@ register_stage_target(
 
 
 rule render_views:
+    name:
+        f"render_views{RENDER_RULE_SUFFIX}"
     input:
         get_source_file,
     output:
@@ -36,6 +38,8 @@ rule render_views:
 
 
 rule render_cond:
+    name:
+        f"render_cond{RENDER_RULE_SUFFIX}"
     input:
         get_source_file,
     output:

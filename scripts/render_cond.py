@@ -3,8 +3,9 @@
 from pathlib import Path
 
 from slatflow.render import CondSettings, RenderAsset, RenderSettings, raise_failures, render_cond_views
-from slatflow.workflow import run_asset_job
+from slatflow.workflow import raster_worker_client, run_asset_job
 
+settings = RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads)
 run_asset_job(
     snakemake,
     "render_cond",
@@ -12,8 +13,9 @@ run_asset_job(
         render_cond_views(
             [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
             Path(snakemake.output[0]).parent.parent,
-            RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads),
+            settings,
             CondSettings.from_config(snakemake.config["render_cond"]),
+            raster_worker_client(snakemake, settings.raster_options()),
         )
     ),
 )

@@ -3,8 +3,9 @@
 from pathlib import Path
 
 from slatflow.render import RenderAsset, RenderSettings, raise_failures, render_views
-from slatflow.workflow import run_asset_job
+from slatflow.workflow import raster_worker_client, run_asset_job
 
+settings = RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads)
 run_asset_job(
     snakemake,
     "render",
@@ -12,7 +13,8 @@ run_asset_job(
         render_views(
             [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
             Path(snakemake.output.transforms).parent.parent,
-            RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads),
+            settings,
+            raster_worker_client(snakemake, settings.raster_options()),
         )
     ),
 )

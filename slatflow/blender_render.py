@@ -47,6 +47,9 @@ LIGHT_RIG = (
 
 SENSOR_WIDTH_MM = 32.0  # TRELLIS's sensor; the lens follows from the field of view
 
+# render.engine of the raster path: Blender only loads, normalizes and exports the scene
+RASTER_ENGINE = "RASTER"
+
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META", "CURVES", "POINTCLOUD"}
 
 
@@ -486,6 +489,39 @@ def export_mesh(bpy, path: str) -> None:
         raise RuntimeError(f"PLY export returned {sorted(result)}")
 
 
+def export_scene_glb(bpy, path: str) -> None:
+    """Export the normalized scene as a binary glTF for the raster engine: triangulated meshes
+    with modifiers applied, normals, UVs, PBR materials and their images, in Blender's own Z-up
+    frame (the cameras' frame), so no axis conversion sits between the two renderers.
+
+    Vertex colours go along only where a material uses them: Cycles ignores the colours of an
+    object without a material (a coloured PLY renders grey), and the raster engine must agree.
+    """
+    result = bpy.ops.export_scene.gltf(
+        filepath=path,
+        check_existing=False,
+        export_format="GLB",
+        export_yup=False,
+        export_apply=True,
+        export_skins=False,  # the posed mesh, as Cycles sees it
+        export_morph=False,
+        export_animations=False,
+        export_cameras=False,
+        export_lights=False,
+        export_extras=False,
+        export_materials="EXPORT",
+        export_image_format="AUTO",  # a PNG stays PNG, a JPEG JPEG: no re-encode where avoidable
+        export_vertex_color="MATERIAL",
+        export_active_vertex_color_when_no_material=False,
+        export_normals=True,
+        export_texcoords=True,
+        export_tangents=False,
+        will_save_settings=False,
+    )
+    if "FINISHED" not in result or not os.path.exists(path):
+        raise RuntimeError(f"glTF export returned {sorted(result)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
@@ -512,6 +548,8 @@ def run_job(job: dict) -> dict:
     load_scene(bpy, job["source"], job["format"])
     _phase("normalize")
     scale, offset = normalize_scene(bpy)
+    if settings["engine"] == RASTER_ENGINE:
+        return _export_for_raster(bpy, job, scale, offset, started)
     setup_lights(bpy)
     camera = setup_camera(bpy)
     _phase("configure")
@@ -558,6 +596,25 @@ def run_job(job: dict) -> dict:
     _write_json(os.path.join(out_dir, "transforms.json"), transforms)
     return {"ok": True, "device": device, "load_seconds": load_seconds, "view_seconds": view_seconds,
             "mesh_seconds": mesh_seconds, "total_seconds": time.monotonic() - started}
+
+
+def _export_for_raster(bpy, job: dict, scale: float, offset: list[float], started: float) -> dict:
+    """The raster engine's half of the job: the normalized scene as a glb, and mesh.ply."""
+    _phase("export scene")
+    t = time.monotonic()
+    export_scene_glb(bpy, job["scene_path"])
+    scene_seconds = time.monotonic() - t
+    _log(f"scene.glb exported in {scene_seconds:.2f} s ({os.path.getsize(job['scene_path'])} bytes)")
+    mesh_seconds = 0.0
+    if job["save_mesh"]:
+        _phase("export mesh")
+        t = time.monotonic()
+        export_mesh(bpy, os.path.join(job["output_dir"], "mesh.ply"))
+        mesh_seconds = time.monotonic() - t
+        _log(f"mesh.ply exported in {mesh_seconds:.2f} s")
+    return {"ok": True, "device": "bpy export", "scale": scale, "offset": offset,
+            "blender": bpy.app.version_string, "scene_seconds": scene_seconds,
+            "mesh_seconds": mesh_seconds, "load_seconds": time.monotonic() - started}
 
 
 def main(argv: list[str]) -> int:

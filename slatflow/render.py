@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -49,9 +49,10 @@ SUPPORTED_FORMATS = {
     "dae": "dae",
 }
 
-Engine = Literal["CYCLES", "BLENDER_EEVEE_NEXT"]
+# RASTER: Blender imports and normalizes, slatflow.raster draws the views with OpenGL
+Engine = Literal["CYCLES", "BLENDER_EEVEE_NEXT", "RASTER"]
 Device = Literal["CPU", "CUDA", "OPTIX"]
-ENGINES = ("CYCLES", "BLENDER_EEVEE_NEXT")
+ENGINES = ("CYCLES", "BLENDER_EEVEE_NEXT", blender_render.RASTER_ENGINE)
 DEVICES = ("CPU", "CUDA", "OPTIX")
 
 SIGKILL_GRACE_S = 5.0  # after SIGTERM on timeout, before SIGKILL of the whole process group
@@ -91,17 +92,21 @@ class RenderSettings:
     timeout_s: float = 3600.0
     threads: int = 0
     python: str | None = None
+    raster_samples: int = 4  # MSAA samples of the raster engine (Mesa's llvmpipe allows 4)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ConfigError(f"render engine {self.engine!r} is not one of {ENGINES}")
         if self.device not in DEVICES:
             raise ConfigError(f"render device {self.device!r} is not one of {DEVICES}")
-        for name in ("num_views", "resolution", "samples"):
+        for name in ("num_views", "resolution", "samples", "raster_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"render {name} is {getattr(self, name)}, expected >= 1")
         if not 0 < self.fov_degrees < 180:
             raise ConfigError(f"render fov_degrees is {self.fov_degrees}, expected in (0, 180)")
+        if self.engine == blender_render.RASTER_ENGINE and self.view_transform not in ("Filmic", "Standard"):
+            raise ConfigError(f"render engine RASTER supports view_transform Filmic or Standard, "
+                              f"not {self.view_transform!r}")
         if self.radius <= 0 or self.timeout_s <= 0:
             raise ConfigError(f"render radius {self.radius} and timeout_s {self.timeout_s} must be > 0")
 
@@ -124,7 +129,13 @@ class RenderSettings:
         """The settings that change the images: what must re-render an asset when it changes
         (not the device, threads, tiles, persistent data, timeout or Blender's Python)."""
         runtime_only = {"device", "threads", "tile_size", "persistent_data", "timeout_s", "python"}
+        if self.engine != blender_render.RASTER_ENGINE:
+            runtime_only.add("raster_samples")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime_only}
+
+    def raster_options(self) -> dict:
+        """The raster engine's settings (slatflow.raster.RasterOptions fields)."""
+        return {"samples": self.raster_samples, "view_transform": self.view_transform}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,25 +260,40 @@ def asset_format(sha256: str, source: str | os.PathLike, stage: str = STAGE) -> 
     return SUPPORTED_FORMATS[ext]
 
 
+# Renders one exported scene with the raster engine (`slatflow.raster.render_scene`'s request)
+# and returns its timings; a model-worker client or the in-process default.
+Rasterize = Callable[[dict], dict]
+
+
 def render_views(
-    assets: Sequence[RenderAsset], out_root: str | os.PathLike, settings: RenderSettings
+    assets: Sequence[RenderAsset],
+    out_root: str | os.PathLike,
+    settings: RenderSettings,
+    rasterize: Rasterize | None = None,
 ) -> list[RenderResult]:
     """Render the main views (+ mesh.ply) of each asset into `out_root/<sha256>/`.
 
     Each asset runs in its own Blender process; one that fails does not stop the others.
+    With the raster engine, Blender exports the scene and `rasterize` draws it (default: one
+    GL context in this process, kept for every asset).
 
     Returns:
         one RenderResult per asset, in order; failures carry their AssetError.
     """
     return [
         _render_one(asset, Path(out_root), settings, *trellis_views(
-            asset.sha256, settings.num_views, settings.radius, settings.fov), save_mesh=True, stage=STAGE)
+            asset.sha256, settings.num_views, settings.radius, settings.fov), save_mesh=True, stage=STAGE,
+            rasterize=rasterize)
         for asset in assets
     ]
 
 
 def render_cond_views(
-    assets: Sequence[RenderAsset], out_root: str | os.PathLike, settings: RenderSettings, cond: CondSettings
+    assets: Sequence[RenderAsset],
+    out_root: str | os.PathLike,
+    settings: RenderSettings,
+    cond: CondSettings,
+    rasterize: Rasterize | None = None,
 ) -> list[RenderResult]:
     """Render the conditioning views of each asset into `out_root/<sha256>/` (no mesh.ply)."""
     cond_render = dataclasses.replace(
@@ -276,7 +302,7 @@ def render_cond_views(
     )
     return [
         _render_one(asset, Path(out_root), cond_render, *cond_views(asset.sha256, cond),
-                    save_mesh=False, stage=COND_STAGE)
+                    save_mesh=False, stage=COND_STAGE, rasterize=rasterize)
         for asset in assets
     ]
 
@@ -300,11 +326,12 @@ def _render_one(
     transforms_extra: dict,
     save_mesh: bool,
     stage: str,
+    rasterize: Rasterize | None = None,
 ) -> RenderResult:
     final_dir = out_root / asset.sha256
     started = time.monotonic()
     try:
-        result = _render_to(asset, final_dir, settings, views, transforms_extra, save_mesh, stage)
+        result = _render_to(asset, final_dir, settings, views, transforms_extra, save_mesh, stage, rasterize)
     except AssetError as exc:
         if exc.stage is None:
             exc = AssetError(exc.sha256, exc.reason, stage)
@@ -329,6 +356,7 @@ def _render_to(
     transforms_extra: dict,
     save_mesh: bool,
     stage: str,
+    rasterize: Rasterize | None = None,
 ) -> dict:
     sha256 = asset.sha256
     source = Path(asset.source)
@@ -351,17 +379,71 @@ def _render_to(
             "save_mesh": save_mesh,
             "transforms_extra": transforms_extra,
             "settings": dataclasses.asdict(settings),
+            "scene_path": os.path.join(work, "scene.glb"),
         }
         job_path = os.path.join(work, "job.json")
         Path(job_path).write_text(json.dumps(job))
         try:
             result = _run_blender(sha256, job_path, job["result_path"], work, settings, stage)
+            if settings.engine == blender_render.RASTER_ENGINE:
+                result = rasterize_exported_scene(job, result, views, settings,
+                                                  rasterize or _in_process_rasterizer(settings))
             _check_outputs(sha256, staging, len(views), save_mesh, stage)
             _check_readable(sha256, staging, settings.resolution, save_mesh, stage)
             _move_into_place(staging, final_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def rasterize_exported_scene(job: dict, export: dict, views: Sequence[View], settings: RenderSettings,
+                             rasterize: Rasterize) -> dict:
+    """The raster engine's views of the scene Blender exported, then transforms.json (last).
+
+    Args:
+        job: the Blender job (`sha256`, `scene_path`, `resolution`, `output_dir`, `transforms_extra`).
+        export: Blender's result (`scale`, `offset`, `blender`).
+
+    Returns:
+        the export's result with the raster device and timings.
+    """
+    from slatflow.raster import raster_views
+
+    frames = raster_views(views)
+    started = time.monotonic()
+    timings = rasterize({"sha256": job["sha256"], "scene": job["scene_path"], "views": frames,
+                         "resolution": job["resolution"], "output_dir": job["output_dir"]}) or {}
+    seconds = time.monotonic() - started
+    device = timings.get("device", "raster engine")
+    transforms = {"aabb": [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]], "scale": export["scale"],
+                  "offset": export["offset"], **job["transforms_extra"],
+                  "renderer": {"blender": export.get("blender", "?"), "engine": settings.engine, "device": device,
+                               "samples": settings.raster_samples, "resolution": job["resolution"]},
+                  "frames": [{"file_path": f"{i:03d}.png", "camera_angle_x": frame["fov"],
+                              "transform_matrix": frame["camera_to_world"]} for i, frame in enumerate(frames)]}
+    path = Path(job["output_dir"]) / "transforms.json"
+    tmp = path.with_name(".transforms.json.tmp")
+    tmp.write_text(json.dumps(transforms, indent=2) + "\n")
+    os.replace(tmp, path)
+    # as for Cycles, the per-view figure leaves out the per-asset setup (scene upload and shadow
+    # maps here, scene sync there), which counts as loading
+    views_seconds = timings.get("draw", seconds) + timings.get("write", 0.0)
+    setup_seconds = seconds - views_seconds
+    return {**export, "device": device, "view_seconds": [views_seconds / max(len(frames), 1)] * len(frames),
+            "load_seconds": export.get("load_seconds", 0.0) + setup_seconds, "raster_seconds": seconds}
+
+
+_RASTERIZERS: dict = {}
+
+
+def _in_process_rasterizer(settings: RenderSettings) -> Rasterize:
+    """One GL context per process and options, kept for every later asset."""
+    from slatflow import raster
+
+    options = raster.RasterOptions(**settings.raster_options())
+    if options not in _RASTERIZERS:
+        _RASTERIZERS[options] = raster.Rasterizer(options)
+    return lambda request: raster.render_scene(_RASTERIZERS[options], request)
 
 
 def _remove_stale_staging(final_dir: Path) -> None:

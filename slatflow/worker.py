@@ -12,7 +12,8 @@ A worker is keyed by its service, its settings, the visible GPUs and the SLURM j
 different model or GPU gets a worker of its own, and a worker never outlives its SLURM
 allocation's jobs (SLURM ends it with the allocation).
 
-A service is a factory `make(settings: dict) -> handler(request: dict) -> None`, named
+A service is a factory `make(settings: dict) -> handler(request: dict) -> dict | None` (a
+JSON-serialisable summary for the job, or None), named
 `"module:function"` (see SERVICES); the handler raises `AssetError` for a bad asset.
 """
 
@@ -45,6 +46,7 @@ SERVICES = {
     "features": "slatflow.features:worker_service",
     "ss_latent": "slatflow.latents:ss_worker_service",
     "slat_latent": "slatflow.latents:slat_worker_service",
+    "raster": "slatflow.raster:worker_service",
 }
 
 Handler = Callable[[dict], None]
@@ -124,7 +126,7 @@ def socket_dir(settings: WorkerSettings) -> Path:
 
 def run_request(
     spec: WorkerSpec, request: dict, settings: WorkerSettings, log_dir: str | os.PathLike
-) -> None:
+) -> dict | None:
     """Process one asset's request, in a worker (started if needed) or in-process.
 
     Args:
@@ -133,14 +135,16 @@ def run_request(
         settings: the `workers:` config.
         log_dir: where a worker started by this call writes its log (`<key>.log`).
 
+    Returns:
+        what the service's handler returned (a JSON-serialisable summary, or None).
+
     Raises:
         AssetError: the asset failed (its reason as the service gave it).
         TransientError: the worker died or timed out on it (not the asset's fault).
         ConfigError: the worker could not start (its model failed to load).
     """
     if not settings.enabled:
-        make_handler(spec)(request)
-        return
+        return make_handler(spec)(request)
     key = spec.key()
     folder = socket_dir(settings)
     path = folder / f"{key}.sock"
@@ -152,8 +156,9 @@ def run_request(
             with file_lock(folder / f"{key}.lock"):
                 connection = _connect(path) or _start_worker(spec, path, settings, worker_log)
         with connection:
-            if _exchange(connection, request, sha256, path, settings.request_timeout_s, worker_log):
-                return
+            done = _exchange(connection, request, sha256, path, settings.request_timeout_s, worker_log)
+            if done is not None:
+                return done.get("result")
     raise TransientError(f"no model worker accepted the asset after 3 tries (log: {worker_log})")
 
 
@@ -207,11 +212,11 @@ def _last_line(path) -> str:
 
 def _exchange(
     connection: socket.socket, request: dict, sha256: str, path: Path, timeout: float, worker_log: Path
-) -> bool:
+) -> dict | None:
     """Send the request; copy the worker's log lines into this job's log; raise its error.
 
     Returns:
-        True once done; False when the worker closed before accepting the request.
+        the worker's "done" message; None when it closed before accepting the request.
     """
     connection.settimeout(timeout)
     stream = connection.makefile("rwb")
@@ -228,7 +233,7 @@ def _exchange(
             elif "done" in message:
                 error = message["error"]
                 if error is None:
-                    return True
+                    return message
                 if error["kind"] == "config":
                     raise ConfigError(error["reason"])
                 if error["kind"] == "asset":
@@ -240,7 +245,7 @@ def _exchange(
     except ConnectionError:
         pass  # the worker went away: retried if it had not accepted the request
     if not accepted:
-        return False
+        return None
     raise TransientError(f"the model worker died while processing it (log: {worker_log})")
 
 
@@ -327,9 +332,9 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
     to_client = _StreamToClient(stream)
     to_client.setLevel(logging.INFO)
     logging.getLogger().addHandler(to_client)
-    error, healthy = None, True
+    error, healthy, result = None, True, None
     try:
-        handler(request)
+        result = handler(request)
     except AssetError as exc:
         error = {"reason": exc.reason, "kind": "asset"}
     except ConfigError as exc:
@@ -342,7 +347,7 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
     if not healthy:
         retire()
     with contextlib.suppress(OSError):
-        stream.write(json.dumps({"done": True, "error": error}).encode() + b"\n")
+        stream.write(json.dumps({"done": True, "error": error, "result": result}).encode() + b"\n")
         stream.flush()
     return healthy
 

@@ -137,3 +137,18 @@ def run_model_job(snakemake: Any, stage: str, settings: dict, request: dict) -> 
             Path(snakemake.config["output_dir"]) / "logs" / "workers",
         ),
     )
+
+
+def raster_worker_client(snakemake: Any, settings: dict) -> Callable[[dict], dict | None]:
+    """How a render job hands its exported scene to the machine's raster worker, which keeps
+    one GL context, its shaders and tables for every asset (as the model workers keep a model).
+
+    Args:
+        settings: `slatflow.raster.RasterOptions` fields (what the worker is keyed by).
+    """
+    from slatflow.worker import WorkerSettings, WorkerSpec, run_request
+
+    spec = WorkerSpec("raster", settings)
+    workers = WorkerSettings.from_config(snakemake.config["workers"])
+    log_dir = Path(snakemake.config["output_dir"]) / "logs" / "workers"
+    return lambda request: run_request(spec, request, workers, log_dir)
