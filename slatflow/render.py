@@ -468,8 +468,7 @@ def _check_readable(sha256: str, staging: Path, resolution: int, save_mesh: bool
     a frame per view, mesh.ply has triangles (checked before the rename, so a render under its
     final name is readable)."""
     from PIL import Image
-
-    from slatflow.voxelize import read_mesh_ply
+    from plyfile import PlyData
 
     views = sorted(staging.glob("[0-9][0-9][0-9].png"))
     path = staging / "transforms.json"
@@ -486,9 +485,14 @@ def _check_readable(sha256: str, staging: Path, resolution: int, save_mesh: bool
         raise AssetError(
             sha256, f"Blender wrote an unreadable {path.name}: {type(exc).__name__}: {exc}", stage
         ) from exc
-    if save_mesh:
-        _, faces = read_mesh_ply(staging / "mesh.ply", sha256)
-        if len(faces) == 0:
+    if save_mesh:  # plyfile, not slatflow.voxelize (numba is not in the render env)
+        try:
+            # triangles (exported triangulated): plyfile memory-maps them instead of a loop per face
+            ply = PlyData.read(str(staging / "mesh.ply"), known_list_len={"face": {"vertex_indices": 3}})
+            faces = len(ply["face"].data) if "face" in ply else 0
+        except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
+            raise AssetError(sha256, f"Blender wrote an unreadable mesh.ply: {type(exc).__name__}: {exc}", stage) from exc
+        if faces == 0:
             raise AssetError(sha256, "Blender wrote a mesh.ply without faces", stage)
 
 
