@@ -4,14 +4,17 @@ For each size it makes a folder of N tiny distinct assets and ingests it (a real
 `metadata` target), then measures, each side by side with a minimal Snakefile of the same
 job count (the floor: per asset a chain of as many `shell:` rules as the target has jobs per
 asset, one aggregate rule, one target; the same asset list, no checkpoint, no functions):
-- the dry-run of each target (`-n -q rules`): wall time and peak memory of the process;
+- the dry-run of each target (`-n -q rules`): CPU and wall time, peak memory of the process;
+  a second floor gives each per-asset rule the directives slatflow's rules have (log,
+  benchmark, conda, threads, a resource, params, script): what those cost Snakemake itself
+  (`directives_ratio`), against `cpu_ratio`, which is ours against the bare floor;
 - one remote-style job (`--target-jobs`, as the SLURM plugin starts each job, with `-n` so
   the job itself does not run): the time from its start until Snakemake has parsed the
   Snakefile and built the job's DAG, with a manifest of `--remote-rows` rows (the real
   assets plus synthetic rows appended), against the floor's parse of as many assets.
 
-`--profile` also writes a cProfile of each dry-run of ours (bench/out/dag/*.prof) and prints
-where its time goes, by area (see `AREAS`).
+`--profile` also runs each dry-run of ours once more under cProfile (WORK/<target>_<n>.prof)
+and prints where its time goes, by area (see `AREAS`).
 
 Usage: .venv/bin/python bench/bench_dag.py [--sizes 5000 20000] [--targets features all]
        [--remote-rows 500000] [--profile] [--work DIR]
@@ -37,7 +40,7 @@ TIMEOUT_S = 3600  # a 20k-asset dry-run of `all` took 250 s before this benchmar
 
 # Where a dry-run's time goes: area -> substrings of the profiled functions' "file:line(name)".
 # Cumulative times overlap (an input function runs inside DAG construction), so each area
-# is read on its own against the total.
+# is read on its own against the total. Line numbers are Snakemake 9.27.1's.
 AREAS = {
     "DAG construction (dag.update, new jobs)": ["dag.py:1159(update)"],
     "checkpoint re-evaluation": ["(update_checkpoint_dependencies)"],
@@ -47,7 +50,8 @@ AREAS = {
     "input functions (ours and Snakemake's)": ["rules.py:659(apply_input_function)"],
     "resources (per job, inspect.signature)": ["rules.py:1066(expand_resources)"],
     "inspect.signature (all callers)": ["inspect.py:3278(signature)"],
-    "params evaluation": ["rules.py:940(expand_params)"],
+    "params evaluation": ["rules.py:936(expand_params)"],
+    "Snakefile parse (config checks, includes)": ["workflow.py:1690(include)"],
     "job printing (log_info)": ["jobs.py:1061(log_info)"],
     "slatflow's common.smk functions": ["rules/common.smk:"],
 }
@@ -107,35 +111,62 @@ rule aggregate:
         "out/aggregate.txt",
     shell:
         "touch {{output}}"
-
-
-rule stage_1:
-    input:
-        "assets/{{sha256}}.txt",
-    output:
-        "out/s1/{{sha256}}.txt",
-    shell:
-        "touch {{output}}"
-{later_stages}
+{stage_rules}
 '''
 
 FLOOR_STAGE = '''
 
 rule stage_{k}:
     input:
-        "out/s{prev}/{{sha256}}.txt",
+        "{input}",
     output:
         "out/s{k}/{{sha256}}.txt",
+{directives}'''
+
+# The directives every per-asset rule of slatflow has, for the floor that shows what they
+# cost Snakemake: a log, a benchmark, a conda env, threads, a constant resource, a params
+# dict and a script (checked by Snakemake per job).
+OUR_DIRECTIVES = '''\
+    log:
+        "logs/s{k}/{{sha256}}.log",
+    benchmark:
+        "benchmarks/s{k}/{{sha256}}.tsv"
+    conda:
+        "envs/floor.yaml"
+    threads: 1
+    resources:
+        gpu_slot=0,
+    params:
+        settings={{"resolution": 64, "names": ["a", "b"]}},
+    script:
+        "scripts/touch.py"
+'''
+BARE_DIRECTIVES = '''\
     shell:
         "touch {{output}}"
 '''
 
 
-def write_floor(folder: Path, sha256s: list[str], stages: int) -> Path:
-    """A minimal workflow of `stages` jobs per asset, plus an aggregate and a target."""
+def write_floor(folder: Path, sha256s: list[str], stages: int, our_directives: bool = False) -> Path:
+    """A minimal workflow of `stages` jobs per asset, plus an aggregate and a target; with
+    `our_directives`, each per-asset rule has the directives slatflow's rules have."""
     folder.mkdir(parents=True, exist_ok=True)
-    later = "".join(FLOOR_STAGE.format(k=k, prev=k - 1) for k in range(2, stages + 1))
-    (folder / "Snakefile").write_text(FLOOR_SNAKEFILE.format(stages=stages, later_stages=later))
+    directives = OUR_DIRECTIVES if our_directives else BARE_DIRECTIVES
+    stage_rules = "".join(
+        FLOOR_STAGE.format(
+            k=k,
+            input="assets/{sha256}.txt" if k == 1 else f"out/s{k - 1}/{{sha256}}.txt",
+            directives=directives.format(k=k),
+        )
+        for k in range(1, stages + 1)
+    )
+    (folder / "Snakefile").write_text(FLOOR_SNAKEFILE.format(stages=stages, stage_rules=stage_rules))
+    for sub, name, text in [
+        ("scripts", "touch.py", "from pathlib import Path\n\nPath(snakemake.output[0]).touch()\n"),
+        ("envs", "floor.yaml", "channels: [conda-forge]\ndependencies: [python=3.11]\n"),
+    ]:
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / name).write_text(text)
     (folder / "assets").mkdir(exist_ok=True)
     for sha in sha256s:
         (folder / "assets" / f"{sha}.txt").touch()
@@ -214,10 +245,10 @@ def bench_size(work: Path, count: int, targets: list[str], profile: bool) -> lis
     rows = []
     for target in targets:
         dry = SNAKEMAKE + [target, "-n", "-q", "rules", "--configfile", str(configfile)]
-        prof = work / f"{target}_{count}.prof"
-        if profile:
-            dry = [sys.executable, "-m", "cProfile", "-o", str(prof), *dry[1:]]
         wall, cpu, rss, result = timed(dry)
+        prof = work / f"{target}_{count}.prof"
+        if profile:  # a run of its own: the profiler slows the code it watches about 2x
+            timed([sys.executable, "-m", "cProfile", "-o", str(prof), *dry[1:]])
         table = job_table(result.stdout)
         jobs = sum(table.values())
         per_asset = max(n for n in table.values())  # the per-asset rules have one job per asset
@@ -225,6 +256,8 @@ def bench_size(work: Path, count: int, targets: list[str], profile: bool) -> lis
         floor = write_floor(work / f"floor_{target}_{count}", sha256s, stages)
         floor_wall, floor_cpu, floor_rss, floor_result = timed(floor_cmd(floor, "-n", "-q", "rules"))
         floor_jobs = sum(job_table(floor_result.stdout).values())
+        directives = write_floor(work / f"floor_directives_{target}_{count}", sha256s, stages, our_directives=True)
+        _, directives_cpu, directives_rss, _ = timed(floor_cmd(directives, "-n", "-q", "rules"))
         row = {
             "target": target,
             "assets": count,
@@ -233,11 +266,14 @@ def bench_size(work: Path, count: int, targets: list[str], profile: bool) -> lis
             "wall_s": round(wall, 1),
             "cpu_s": round(cpu, 1),
             "floor_cpu_s": round(floor_cpu, 1),
+            "directives_cpu_s": round(directives_cpu, 1),
             "cpu_ms_per_asset": round(1000 * cpu / count, 2),
             "floor_cpu_ms_per_asset": round(1000 * floor_cpu / count, 2),
             "cpu_ratio": round(cpu / floor_cpu, 2),
+            "directives_ratio": round(directives_cpu / floor_cpu, 2),
             "peak_mb": round(rss),
             "floor_peak_mb": round(floor_rss),
+            "directives_peak_mb": round(directives_rss),
         }
         if profile:
             row["profile"] = {area: round(s, 1) for area, s in area_times(prof).items()}

@@ -71,9 +71,16 @@ def get_ingest_inputs(wildcards):
     return inputs
 
 
+# The checkpoint's output once Snakemake has it as created: its set of created outputs only
+# grows, so the answer stands for the process (asking again costs 0.1 ms per job).
+_MANIFEST = []
+
+
 def manifest_path():
     """The manifest, once the ingest checkpoint has run (re-evaluates the DAG after it)."""
-    return checkpoints.ingest_manifest.get().output.manifest
+    if not _MANIFEST:
+        _MANIFEST.append(checkpoints.ingest_manifest.get().output.manifest)
+    return _MANIFEST[0]
 
 
 @functools.cache
