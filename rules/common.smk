@@ -3,7 +3,8 @@ import collections
 import functools
 import os
 
-from slatflow.ingest import select_assets, source_paths
+from slatflow.ingest import select_assets
+from slatflow.manifest import ManifestRows
 from slatflow.metadata import refresh_output_state
 from slatflow.workflow import RUN_PROCESS_ENV, run_process_identity
 
@@ -74,9 +75,16 @@ def get_ingest_inputs(wildcards):
     return inputs
 
 
+# The checkpoint's output once Snakemake has it as created: its set of created outputs only
+# grows, so the answer stands for the process (asking again costs 0.1 ms per job).
+_MANIFEST = []
+
+
 def manifest_path():
     """The manifest, once the ingest checkpoint has run (re-evaluates the DAG after it)."""
-    return checkpoints.ingest_manifest.get().output.manifest
+    if not _MANIFEST:
+        _MANIFEST.append(checkpoints.ingest_manifest.get().output.manifest)
+    return _MANIFEST[0]
 
 
 @functools.cache
@@ -91,23 +99,31 @@ def included_sha256s():
 
 
 @functools.cache
-def _source_paths(manifest, mtime_ns):
-    return source_paths(manifest)
+def _manifest_rows(manifest, mtime_ns):
+    return ManifestRows(manifest)
+
+
+def manifest_rows():
+    """sha256 -> manifest row (planning columns), read once per process and manifest."""
+    manifest = manifest_path()
+    return _manifest_rows(manifest, os.stat(manifest).st_mtime_ns)
+
+
+def source_file(sha256):
+    """The asset's source file (OUT/local_path; downloads' outputs for TRELLIS-500K)."""
+    row = manifest_rows().get(sha256)
+    if row is None:
+        raise WorkflowError(f"asset {sha256} is not in {manifest_path()}")
+    # OUT/../src/a.glb -> src/a.glb
+    return os.path.normpath(out(row["local_path"]))
 
 
 def source_files(sha256s):
-    """The assets' source files (OUT/local_path; downloads' outputs for TRELLIS-500K)."""
-    manifest = manifest_path()
-    paths = _source_paths(manifest, os.stat(manifest).st_mtime_ns)
-    missing = [sha for sha in sha256s if sha not in paths]
-    if missing:
-        raise WorkflowError(f"asset {missing[0]} is not in {manifest}")
-    # OUT/../src/a.glb -> src/a.glb
-    return [os.path.normpath(out(paths[sha])) for sha in sha256s]
+    return [source_file(sha) for sha in sha256s]
 
 
 def get_source_file(wildcards):
-    return source_files([wildcards.sha256])[0]
+    return source_file(wildcards.sha256)
 
 
 def stage_target_files(name):
@@ -184,31 +200,22 @@ from slatflow.trellis500k import (
     OBJECT_PATHS_FILE,
     SKETCHFAB,
     SUBSETS,
+    AssetSource,
     DownloadSettings,
-    asset_sources,
 )
 
 DOWNLOAD = DownloadSettings.from_config(config["download"])
 
 
-@functools.cache
-def _asset_sources(manifest, mtime_ns):
-    return asset_sources(manifest)
-
-
-def download_sources():
-    """sha256 -> AssetSource of this run's TRELLIS-500K assets."""
-    manifest = manifest_path()
-    return _asset_sources(manifest, os.stat(manifest).st_mtime_ns)
-
-
 def get_download_source(wildcards):
-    source = download_sources().get(wildcards.sha256)
-    if source is None or source.subset != wildcards.subset:
+    row = manifest_rows().get(wildcards.sha256)
+    if row is None or row.get("subset") != wildcards.subset:
         raise WorkflowError(
             f"{out(f'raw/{wildcards.subset}/{wildcards.sha256}')} is no TRELLIS-500K asset of the manifest"
         )
-    return source.as_params()
+    return AssetSource(
+        row["sha256"], row["subset"], row["file_identifier"], row["source_ref"]
+    ).as_params()
 
 
 def download_slot(*subsets):
@@ -262,15 +269,13 @@ def feature_params():
     return FEATURES.output_settings()
 
 
-def get_feature_inputs(wildcards):
-    """The renders and voxels, and with the visibility mean the mesh it rasterizes."""
-    inputs = {
-        "transforms": out(f"renders/{wildcards.sha256}/transforms.json"),
-        "voxels": out(f"voxels/{wildcards.sha256}.ply"),
-    }
-    if FEATURES.visibility:
-        inputs["mesh"] = out(f"renders/{wildcards.sha256}/mesh.ply")
-    return inputs
+# The renders and voxels, and with the visibility mean the mesh it rasterizes: patterns,
+# fixed at parse time (a function would cost Snakemake a call and a signature per job).
+FEATURE_INPUTS = {
+    "transforms": out("renders/{sha256}/transforms.json"),
+    "voxels": out("voxels/{sha256}.ply"),
+    **({"mesh": out("renders/{sha256}/mesh.ply")} if FEATURES.visibility else {}),
+}
 
 
 # --- latents

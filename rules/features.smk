@@ -12,7 +12,7 @@ register_stage_target(
 
 rule extract_features:
     input:
-        unpack(get_feature_inputs),
+        **FEATURE_INPUTS,
     output:
         out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"),
     log:
