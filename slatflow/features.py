@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from slatflow import cameras
-from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens
+from slatflow.dinov2 import FusedDinov2, LoadedDinov2, load_dinov2, prenorm_patch_tokens
 from slatflow.errors import AssetError, ConfigError
 from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
     PROVENANCE_FILE,
@@ -556,6 +556,10 @@ class FeatureExtractor:
         self.compute_dtype = getattr(torch, dtype)
         self.model = loaded.model.to(self.device).eval()
         self.embed_dim = self.model.config.hidden_size
+        # Half precision runs the fused forward; float32 stays transformers' own (the reference).
+        self.fused = None
+        if self.compute_dtype != torch.float32:
+            self.fused = FusedDinov2(self.model, self.compute_dtype, settings.attention, settings.compile).to(self.device)
         shape = (3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).view(shape)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).view(shape)
@@ -581,6 +585,8 @@ class FeatureExtractor:
         rgba = rgba.to(self.device, non_blocking=True)
         rgba = lanczos_resize_rgba(rgba, self.settings.image_size)  # (B, S, S, 4)
         pixels = self._normalize(rgba)
+        if self.fused is not None:
+            return self.fused(pixels)
         with (
             torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32),
             exact_fp32(self.device, self.compute_dtype),  # float32 on CUDA means no TF32
@@ -603,7 +609,8 @@ class FeatureExtractor:
         total = torch.zeros(self.embed_dim, num_voxels, device=self.device)  # (D, N) sum over views
         seen = torch.zeros(num_voxels, device=self.device) if depth_maps is not None else None
         unweighted = torch.zeros_like(total) if depth_maps is not None else None
-        batch = self.settings.batch_size
+        num_batches = -(-num_views // self.settings.batch_size)
+        batch = -(-num_views // num_batches)  # equal batches: one shape per asset, no small tail
         for start in range(0, num_views, batch):
             stop = min(start + batch, num_views)
             rgba = torch.from_numpy(self._stack_views([f.result() for f in asset.images[start:stop]]))

@@ -28,6 +28,7 @@ from PIL import Image
 from slatflow import cameras
 from slatflow.dinov2 import (
     ARCHITECTURES,
+    FusedDinov2,
     LoadedDinov2,
     convert_official_state_dict,
     hf_config,
@@ -176,6 +177,36 @@ def test_prenorm_tokens_are_hidden_states_before_layernorm(tiny_loaded):
         hidden = model(pixels, output_hidden_states=True).hidden_states[-1][:, 5:]  # (2, 1369, D)
     assert maps.shape == (2, TINY_ARCH.embed_dim, 37, 37)
     torch.testing.assert_close(maps.flatten(2).transpose(1, 2), hidden, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["auto", "math"])
+def test_fused_forward_computes_transformers_prenorm_tokens(tiny_loaded, attention):
+    """Fused qkv and folded layer scales change only rounding: float32 equals transformers'
+    forward, bf16 stays close; a fused block with a swapped weight would not."""
+    model = tiny_loaded.model
+    pixels = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        reference = prenorm_patch_tokens(model, pixels)  # (3, D, 16, 16)
+        fused = FusedDinov2(model, torch.float32, attention)(pixels)
+        half = FusedDinov2(model, torch.bfloat16, attention)(pixels)
+        broken = FusedDinov2(model, torch.float32, attention)
+        block = list(broken.blocks[0])
+        block[2] = block[2].roll(TINY_ARCH.embed_dim, dims=0)  # q and k rows swapped with v's
+        broken.blocks[0] = tuple(block)
+        wrong = broken(pixels)
+    assert fused.shape == reference.shape == (3, TINY_ARCH.embed_dim, 16, 16) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(half.float(), reference, dim=1)  # per patch
+    assert cosine.min() > 0.999
+    assert (wrong - reference).abs().max() > 0.1
+
+
+def test_equal_batches_give_the_same_features_as_one_batch(tmp_path, tiny_loaded):
+    render_dir, voxels = write_synthetic_asset(tmp_path, SHA_A, num_views=7, resolution=64)
+    job = FeatureJob(SHA_A, render_dir, voxels)
+    [whole] = run_with_deadline(tiny_extractor(tiny_loaded, batch_size=7), [job])
+    [split] = run_with_deadline(tiny_extractor(tiny_loaded, batch_size=3), [job])  # batches of 3, 3, 1
+    np.testing.assert_allclose(split.features.mean, whole.features.mean, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [224, 448, 518, 742])

@@ -51,3 +51,22 @@ def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
         os.umask(old)
         importlib.reload(slatflow.io)
     assert (tmp_path / "x.npz").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("level", [1, 6])
+def test_npz_holds_what_savez_compressed_holds_deflated_at_the_level(tmp_path, level):
+    import zipfile
+
+    rng = np.random.default_rng(1)
+    arrays = {"indices": rng.integers(0, 64, (500, 3), dtype=np.uint8),
+              "patchtokens": rng.standard_normal((500, 16)).astype(np.float16), "flag": np.bool_(True)}
+    save_npz_atomic(tmp_path / "ours.npz", compresslevel=level, **arrays)
+    np.savez_compressed(tmp_path / "numpy.npz", **arrays)
+    with zipfile.ZipFile(tmp_path / "ours.npz") as ours, zipfile.ZipFile(tmp_path / "numpy.npz") as reference:
+        assert ours.namelist() == reference.namelist() == ["indices.npy", "patchtokens.npy", "flag.npy"]
+        assert {info.compress_type for info in ours.infolist()} == {zipfile.ZIP_DEFLATED}
+        for name in ours.namelist():
+            assert ours.read(name) == reference.read(name)  # the same .npy bytes inside
+    with np.load(tmp_path / "ours.npz") as loaded:
+        for name, value in arrays.items():
+            assert loaded[name].dtype == value.dtype and np.array_equal(loaded[name], value)
