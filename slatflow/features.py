@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,9 @@ VISIBILITY_DEPTH_RESOLUTION = 256
 # A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
 # one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
 VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
+# Requests a features worker serves at once: one asset on the device, one decoding its
+# views, one compressing its output (the workflow runs that many features jobs side by side).
+WORKER_REQUESTS_AT_ONCE = 3
 _VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
 _IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
 
@@ -561,6 +565,9 @@ class FeatureExtractor:
         if self.compute_dtype != torch.float32:
             self.fused = FusedDinov2(self.model, self.compute_dtype, settings.attention, settings.compile).to(self.device)
         shape = (3, 1, 1)
+        self._device_lock = threading.Lock()  # `process` threads take turns on the model
+        self._pool_lock = threading.Lock()
+        self._decoder: ThreadPoolExecutor | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).view(shape)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).view(shape)
         logger.info(
@@ -730,6 +737,38 @@ class FeatureExtractor:
             results = [o.result() if isinstance(o, Future) else o for o in outcomes]
         return results
 
+    def process(self, job: FeatureJob, keep_features: bool = False) -> FeatureOutcome:
+        """Extract and write one asset; thread-safe, for a model worker serving jobs at once.
+
+        Each calling thread decodes its asset's views (on a decode pool shared by all callers),
+        waits its turn on the device, and compresses and writes its own output, so with
+        requests in flight the device runs one asset while the CPUs read and write others.
+        """
+        import torch
+
+        started = time.perf_counter()
+        if job.output_path is not None:  # every request, as a batch run does: the folder may be new
+            write_json_atomic(job.output_path.parent / PROVENANCE_FILE, self.provenance())
+        asset = None
+        try:
+            asset = self._prepare(job, self._decode_pool())
+            for image in asset.images:  # decoded before taking the device: it never waits on PNGs
+                image.result()
+            with self._device_lock, torch.inference_mode():
+                features = self._extract_prepared(asset)
+        except AssetError as exc:
+            if asset is not None:
+                asset.cancel()
+            logger.error("asset %s failed: %s", job.sha256, exc.reason)
+            return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc)
+        return self._finish(job, features, started, keep_features)
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
+            return self._decoder
+
     def provenance(self) -> dict:
         """What the features were made with, for `features/<name>/provenance.json`."""
         return {
@@ -794,10 +833,11 @@ def worker_service(settings: dict) -> Callable[[dict], None]:
         if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it
             warn_random_weights(logger, extractor.settings.model)
         job = FeatureJob(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
-        (outcome,) = extractor.run([job])
+        outcome = extractor.process(job)
         if outcome.error is not None:
             raise outcome.error
 
+    handle.concurrency = WORKER_REQUESTS_AT_ONCE
     return handle
 
 

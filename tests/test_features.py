@@ -209,6 +209,31 @@ def test_equal_batches_give_the_same_features_as_one_batch(tmp_path, tiny_loaded
     np.testing.assert_allclose(split.features.mean, whole.features.mean, rtol=1e-5, atol=1e-5)
 
 
+def test_process_from_threads_writes_what_run_writes_and_a_bad_asset_fails_alone(tmp_path, tiny_loaded):
+    """A worker's threads call `process` at once: same files as a batch run, one failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for i, sha in enumerate(["1" * 64, "2" * 64, "3" * 64]):
+        render_dir, voxels = write_synthetic_asset(tmp_path, sha, num_views=4, resolution=64, radius=0.3 + 0.05 * i)
+        jobs.append(FeatureJob(sha, render_dir, voxels))
+    (jobs[1].render_dir / "002.png").write_bytes(b"not a png")
+    extractor = tiny_extractor(tiny_loaded)
+    threaded_jobs = [FeatureJob(j.sha256, j.render_dir, j.voxels_path, tmp_path / "threads" / f"{j.sha256}.npz")
+                     for j in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(extractor.process, threaded_jobs))
+    reference = run_with_deadline(extractor, jobs)
+    assert [o.error is None for o in outcomes] == [o.error is None for o in reference] == [True, False, True]
+    assert "cannot decode view" in outcomes[1].error.reason and not threaded_jobs[1].output_path.exists()
+    for job, ref in zip(threaded_jobs[::2], reference[::2]):
+        with np.load(job.output_path) as npz:
+            assert npz["patchtokens"].dtype == np.float16 and npz["indices"].dtype == np.uint8
+            np.testing.assert_array_equal(npz["patchtokens"], ref.features.patchtokens)
+            np.testing.assert_array_equal(npz["indices"], ref.features.indices)
+    assert (tmp_path / "threads" / "provenance.json").is_file()
+
+
 @pytest.mark.parametrize("size", [224, 448, 518, 742])
 def test_position_embedding_interpolation_matches_dinov2(official_tiny, tiny_loaded, size):
     reference = reference_model(TINY_ARCH, official_tiny[0])
