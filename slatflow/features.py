@@ -827,7 +827,11 @@ def worker_service(settings: dict) -> Callable[[dict], None]:
     Args:
         settings: `FeatureSettings` fields.
     """
-    extractor = FeatureExtractor(FeatureSettings(**settings))
+    return request_handler(FeatureExtractor(FeatureSettings(**settings)))
+
+
+def request_handler(extractor: FeatureExtractor) -> Callable[[dict], None]:
+    """The worker's handler around a loaded extractor (thread-safe: `concurrency` at once)."""
 
     def handle(request: dict) -> None:
         if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it

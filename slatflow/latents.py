@@ -697,14 +697,18 @@ def _latent_encoder_for_jobs(
 
 
 def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]:
-    """Requests served at once (WORKER_REQUESTS_AT_ONCE): each reads its input and writes its
-    output in its own thread; the encoder runs the inputs that arrived together as one batch."""
+    """Requests are served at once (WORKER_REQUESTS_AT_ONCE): each reads its input and writes
+    its output in its own thread; the encoder runs the inputs that arrived together as one batch."""
     import torch
 
     latent_settings = LatentSettings.from_config(settings["latents"])
     torch.set_num_threads(settings["threads"] or latent_settings.threads)
-    placed = place(latent_settings.load(kind), kind, latent_settings.device, latent_settings.precision)
-    codec = (_ss_codec if kind == "ss" else _slat_codec)(placed)
+    return request_handler(place(latent_settings.load(kind), kind, latent_settings.device, latent_settings.precision))
+
+
+def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:
+    """A latent worker's handler around a placed encoder (thread-safe: `concurrency` at once)."""
+    codec = (_ss_codec if placed.encoder.kind == "ss" else _slat_codec)(placed)
     batcher = _RequestBatcher(codec)
 
     def handle(request: dict) -> None:
