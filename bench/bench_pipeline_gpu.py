@@ -6,7 +6,7 @@ Synthetic renders as in bench/bench_features.py (a ray-cast textured sphere: 150
 
 The workers are the workflow's: `slatflow.worker.serve` with the stages' request handlers,
 fed through `run_request` by client threads, as Snakemake's model jobs feed them (the
-default profile runs 4 model jobs side by side). The worker runs in this process so that
+default profile runs up to 8 model jobs side by side). The worker runs in this process so that
 the profiler sees its kernels: GPU busy = union of the device's kernel and copy intervals
 over the stream's wall time (torch.profiler, CUDA activity only), and, beside it, NVML's
 utilization sampled every 20 ms.
@@ -16,7 +16,8 @@ Reported, in one run (the card is named in the output):
   previous path) against the fused forward with each SDPA backend, view batch sizes and,
   with --compile, torch.compile: seconds and TFLOP/s (FLOPs as in bench_features.py);
 - per-voxel cosine of the default (bf16, fused) features to float32;
-- npz writes: size and seconds per deflate level, and 4 writers at once; PNG decode of
+- npz writes: np.savez_compressed (before), then size and seconds per deflate level of
+  slatflow's parallel writer, and 4 writers at once; PNG decode of
   150 views on 1 thread and on the decode pool;
 - streams through the workers, ms per asset: features before (transformers' forward,
   deflate level 6, one job at a time) and now (one job at a time, then --clients at once),
@@ -34,7 +35,6 @@ CPU smoke run (tiny models, minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -262,9 +262,17 @@ def latent_requests(sources: list[tuple[str, Path]], folder: Path) -> list[dict]
 # ----------------------------------------------------------------------------------------------
 
 
+def savez_compressed_atomic(path, **arrays) -> None:
+    """The previous writer: np.savez_compressed (zipfile, deflate level 6, one thread)."""
+    with io.atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
 def npz_levels(arrays: dict, out: Path, report: dict) -> None:
     rows = report["npz_levels"] = []
     raw = sum(a.nbytes for a in arrays.values())
+    report["npz_savez_compressed_s"] = median_seconds(
+        lambda: savez_compressed_atomic(out / "savez.npz", **arrays), torch.device("cpu"))
     for level in (1, 2, 3, 6, 9):
         path = out / f"level{level}.npz"
         seconds = median_seconds(lambda: io.save_npz_atomic(path, compresslevel=level, **arrays), torch.device("cpu"))
@@ -313,7 +321,7 @@ def main() -> None:
     parser.add_argument("--radius", type=float, default=0.48, help="sphere radius (0.48: ~20k voxels)")
     parser.add_argument("--assets", type=int, default=20, help="assets in each stream")
     parser.add_argument("--before-assets", type=int, default=6, help="assets of the 'before' features stream")
-    parser.add_argument("--clients", type=int, default=4, help="features jobs at once (profiles/default: 4)")
+    parser.add_argument("--clients", type=int, default=8, help="model jobs at once (profiles/default: 8)")
     parser.add_argument("--latent-clients", type=int, default=8, help="latent jobs at once")
     parser.add_argument("--batch-size", type=int, default=FeatureSettings.batch_size)
     parser.add_argument("--batch-sweep", type=int, nargs="*", default=[50, 75, 150])
@@ -354,6 +362,11 @@ def main() -> None:
     print(f"model only, {args.views} views ({report['tflop_per_asset']:.1f} TFLOP):", flush=True)
     model_steps(extractor, views_u8, args, report)
 
+    feature_worker = WorkerInProcess("features", features.request_handler(extractor), {"variant": "now"}, args.out)
+    start = time.perf_counter()
+    feature_worker.stream(feature_requests(jobs[:1], args.out / "f_warmup"), 1, device)
+    report["features_first_request_s"] = time.perf_counter() - start  # torch.compile's one-off cost
+
     # precision: the default path against float32 on one asset
     fp32 = FeatureExtractor(FeatureSettings(batch_size=args.batch_size, dtype="float32", **base), loaded)
     [ours] = extractor.run([jobs[0]], keep_features=True)
@@ -370,13 +383,12 @@ def main() -> None:
     before = FeatureExtractor(FeatureSettings(batch_size=32, **base), loaded)
     before.fused = None  # transformers' forward under autocast
     original_save = features.save_npz_atomic
-    features.save_npz_atomic = functools.partial(io.save_npz_atomic, compresslevel=6)
+    features.save_npz_atomic = savez_compressed_atomic
     old_worker = WorkerInProcess(service, features.request_handler(before), {"variant": "before"}, args.out)
     streams["features_before_serial"] = old_worker.stream(
         feature_requests(jobs[: args.before_assets], args.out / "f_before"), 1, device)
     features.save_npz_atomic = original_save
     del before
-    feature_worker = WorkerInProcess(service, features.request_handler(extractor), {"variant": "now"}, args.out)
     stream_jobs = jobs[: args.assets]
     streams["features_serial"] = feature_worker.stream(feature_requests(stream_jobs, args.out / "f_serial"), 1, device)
     streams["features"] = feature_worker.stream(feature_requests(stream_jobs, args.out / "f"), args.clients, device)
@@ -449,10 +461,12 @@ def print_summary(r: dict) -> None:
     if "compile_s" in r:
         lines.append(f"  (compile took {r['compile_s']:.0f} s)")
     cos = r["cosine_vs_fp32"]
+    lines.append(f"features worker's first request (compiles): {r['features_first_request_s']:.1f} s")
     lines.append(f"per-voxel cosine, default vs float32: min {cos['min']:.6f} median {cos['median']:.6f}")
     lines.append("npz: " + "  ".join(f"level {x['level']}: {x['s']:.3f} s {x['mb']:.1f} MB ({x['ratio']:.2f})"
                                      for x in r["npz_levels"])
-                 + f"; 4 writers at once: {r['npz_4_writers_s_per_file']:.3f} s per file")
+                 + f"; 4 writers at once: {r['npz_4_writers_s_per_file']:.3f} s per file; "
+                 f"np.savez_compressed (before): {r['npz_savez_compressed_s']:.3f} s")
     lines.append(f"PNG decode of {r['decode_views']} views: 1 thread {r['decode_1_thread_s']:.3f} s, "
                  f"{r['decode_workers']} threads {r['decode_pool_s']:.3f} s")
     lines.append("streams through the workers (ms per asset):")

@@ -215,10 +215,10 @@ from slatflow.render import CondSettings, RenderSettings
 
 RENDER = RenderSettings.from_config(config["render"])
 RENDER_COND = CondSettings.from_config(config["render_cond"])
-# A GPU is GPU_SLOTS of the gpu_slot resource (profiles/default: gpu_slot=4). A render
+# A GPU is GPU_SLOTS of the gpu_slot resource (profiles/default: gpu_slot=8). A render
 # takes all of them; a model job handed to a worker takes one, so several run side by side
 # and their worker reads, runs and writes different assets at once (slatflow/worker.py).
-GPU_SLOTS = 4
+GPU_SLOTS = 8
 MODEL_JOB_SLOTS = 1 if config["workers"]["enabled"] else GPU_SLOTS
 # Cycles on a GPU, or EEVEE (OpenGL): one GPU job at a time on a machine (profiles/default).
 RENDER_GPU_SLOT = GPU_SLOTS * int(RENDER.device != "CPU" or RENDER.engine != "CYCLES")

@@ -123,8 +123,8 @@ class FeatureSettings:
     resize: ResizeWhere = "auto"
     sample_memory_mb: int = 1024
     seed: int = 0
-    attention: str = "cudnn"
-    compile: bool = False
+    attention: str = "auto"
+    compile: bool = True
 
     def __post_init__(self):
         arch = resolve_arch(self.model)

@@ -65,9 +65,10 @@ VISIBILITY_DEPTH_RESOLUTION = 256
 # A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
 # one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
 VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
-# Requests a features worker serves at once: one asset on the device, one decoding its
-# views, one compressing its output (the workflow runs that many features jobs side by side).
-WORKER_REQUESTS_AT_ONCE = 3
+# Requests a features worker serves at once: one asset on the device while others decode
+# their views or compress their outputs (each ~1 CPU-s per asset; the workflow runs up to
+# 8 model jobs side by side, rules/common.smk).
+WORKER_REQUESTS_AT_ONCE = 4
 _VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
 _IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
 

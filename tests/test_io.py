@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slatflow.io import atomic_path, read_ply_points, save_npz_atomic, write_points_ply
+from slatflow.io import atomic_path, load_npz, read_ply_points, save_npz_atomic, write_points_ply
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
@@ -53,20 +53,34 @@ def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "x.npz").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("level", [1, 6])
-def test_npz_holds_what_savez_compressed_holds_deflated_at_the_level(tmp_path, level):
+@pytest.mark.parametrize("level, rows", [(1, 500), (6, 500), (1, 300_000)])  # 300k rows: several chunks
+def test_npz_holds_what_savez_compressed_holds_deflated_at_the_level(tmp_path, level, rows):
     import zipfile
 
     rng = np.random.default_rng(1)
-    arrays = {"indices": rng.integers(0, 64, (500, 3), dtype=np.uint8),
-              "patchtokens": rng.standard_normal((500, 16)).astype(np.float16), "flag": np.bool_(True)}
+    arrays = {"indices": rng.integers(0, 64, (rows, 3), dtype=np.uint8),
+              "patchtokens": rng.standard_normal((rows, 16)).astype(np.float16), "flag": np.bool_(True)}
     save_npz_atomic(tmp_path / "ours.npz", compresslevel=level, **arrays)
     np.savez_compressed(tmp_path / "numpy.npz", **arrays)
     with zipfile.ZipFile(tmp_path / "ours.npz") as ours, zipfile.ZipFile(tmp_path / "numpy.npz") as reference:
         assert ours.namelist() == reference.namelist() == ["indices.npy", "patchtokens.npy", "flag.npy"]
         assert {info.compress_type for info in ours.infolist()} == {zipfile.ZIP_DEFLATED}
+        assert ours.testzip() is None, "every member's CRC matches"
         for name in ours.namelist():
             assert ours.read(name) == reference.read(name)  # the same .npy bytes inside
     with np.load(tmp_path / "ours.npz") as loaded:
         for name, value in arrays.items():
             assert loaded[name].dtype == value.dtype and np.array_equal(loaded[name], value)
+    fast = load_npz(tmp_path / "ours.npz")
+    assert set(fast) == set(arrays) and all(np.array_equal(fast[k], v) and fast[k].dtype == v.dtype
+                                            for k, v in arrays.items())
+
+
+def test_a_member_over_4_gib_goes_through_zipfiles_zip64(tmp_path, monkeypatch):
+    import slatflow.io
+
+    monkeypatch.setattr(slatflow.io, "_ZIP32_LIMIT", 100)  # a small stand-in for 4 GiB
+    big = np.arange(1000, dtype=np.int32)
+    save_npz_atomic(tmp_path / "x.npz", big=big, small=np.uint8(3))
+    with np.load(tmp_path / "x.npz") as loaded:
+        assert np.array_equal(loaded["big"], big) and loaded["small"] == 3
