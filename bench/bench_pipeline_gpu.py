@@ -120,7 +120,7 @@ def model_steps(extractor: FeatureExtractor, views_u8: torch.Tensor, args, repor
 
     add("transformers bf16 autocast, batch 32 (before)", transformers_autocast, 32, equal=False)
     fused = {}
-    for backend in ("auto", "cudnn", "flash", "efficient"):
+    for backend in ("auto",) if args.quick else ("auto", "cudnn", "flash", "efficient"):
         fused[backend] = FusedDinov2(extractor.model, torch.bfloat16, backend).to(device)
         add(f"fused, {backend} attention, batch {args.batch_size} (equal batches)", fused[backend], args.batch_size)
         if device.type == "cpu":
@@ -312,6 +312,20 @@ def latent_model_only(placed, kind: str, inputs, report: dict, key: str) -> None
     report[key] = {"assets_per_forward": len(inputs), "ms_per_asset": 1e3 * seconds / len(inputs)}
 
 
+def trellis_loop(args, arch, state, jobs, device, report: dict) -> None:
+    """TRELLIS's loop (bench_features.run_trellis): the first asset a warm-up."""
+    streams = report["streams"]
+    trellis_model = reference_model(arch, state).to(device)
+    run_trellis(trellis_model, [jobs[0]], args.out / "trellis_warmup", device)
+    timed = jobs[1 : args.trellis_assets]
+    sync(device)
+    start = time.perf_counter()
+    run_trellis(trellis_model, timed, args.out / "trellis", device)
+    sync(device)
+    report["trellis_s_per_asset"] = (time.perf_counter() - start) / len(timed)
+    report["ratio_trellis_to_stream"] = report["trellis_s_per_asset"] / (streams["features"]["ms_per_asset"] / 1e3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,7 +342,8 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--slat-voxels", type=int, default=32768)
     parser.add_argument("--trellis-assets", type=int, default=2, help="TRELLIS's loop: the first is a warm-up")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (a minute or more)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model-only")
+    parser.add_argument("--quick", action="store_true", help="model only: the before and default rows; no TRELLIS")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_gpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the workers' per-asset random-weights warnings stay out
@@ -427,18 +442,11 @@ def main() -> None:
     ss_inputs = [surface_voxels(20000, seed=i) for i in range(latents.SS_BATCH[device.type])]
     latent_model_only(ss_placed, "ss", ss_inputs, report, "ss_model_only")
 
-    # TRELLIS's loop
-    trellis_model = reference_model(arch, state).to(device)
-    del state
-    run_trellis(trellis_model, [jobs[0]], args.out / "trellis_warmup", device)
-    timed = jobs[1 : args.trellis_assets]
-    sync(device)
-    start = time.perf_counter()
-    run_trellis(trellis_model, timed, args.out / "trellis", device)
-    sync(device)
-    report["trellis_s_per_asset"] = (time.perf_counter() - start) / len(timed)
-    report["ratio_trellis_to_stream"] = report["trellis_s_per_asset"] / (streams["features"]["ms_per_asset"] / 1e3)
-
+    if args.quick:
+        report["trellis_s_per_asset"] = report["ratio_trellis_to_stream"] = float("nan")
+        del state
+    else:
+        trellis_loop(args, arch, state, jobs, device, report)
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     print_summary(report)
     if args.compile:
