@@ -159,25 +159,6 @@ def _write_zip64_npz(tmp: Path, members: list[tuple[str, memoryview]], level: in
                 member.write(data)
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an npz, each member inflated in one call (np.load's lazy reads inflate
-    256 KiB at a time, several times slower for a feature file's 40-60 MB).
-
-    Raises:
-        OSError, ValueError, EOFError, zipfile.BadZipFile: an unreadable file.
-    """
-    import io as bytes_io
-    import zipfile
-
-    arrays = {}
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if name.endswith(".npy"):
-                raw = bytes_io.BytesIO(archive.read(name))
-                arrays[name[:-4]] = np.lib.format.read_array(raw, allow_pickle=False)
-    return arrays
-
-
 def write_points_ply(path: str | os.PathLike, points: np.ndarray) -> None:
     """Write a vertex-only binary little-endian PLY with float32 x, y, z.
 

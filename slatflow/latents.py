@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 import zipfile
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 import numpy as np
 
 from slatflow.errors import AssetError, ConfigError
-from slatflow.io import load_npz, save_npz_atomic, write_json_atomic
+from slatflow.io import save_npz_atomic, write_json_atomic
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests and benchmarks
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
@@ -254,14 +253,14 @@ def read_sparse_features(
         return AssetError(sha256, f"{path}: {reason}", SLAT_STAGE)
 
     try:
-        data = load_npz(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in FEATURE_KEYS if key not in data.files]
+            if missing:
+                raise bad(f"missing {missing}, found {sorted(data.files)}")
+            indices, tokens = data["indices"], data["patchtokens"]
+            random_weights = bool(data["random_weights"]) if "random_weights" in data.files else False
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise bad(f"unreadable feature file: {type(exc).__name__}: {exc}") from exc
-    missing = [key for key in FEATURE_KEYS if key not in data]
-    if missing:
-        raise bad(f"missing {missing}, found {sorted(data)}")
-    indices, tokens = data["indices"], data["patchtokens"]
-    random_weights = bool(data["random_weights"]) if "random_weights" in data else False
 
     if indices.ndim != 2 or indices.shape[1] != 3:
         raise bad(f"indices have shape {indices.shape}, expected (N, 3)")
