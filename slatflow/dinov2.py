@@ -462,7 +462,19 @@ class FusedDinov2:
             hidden = self.model.embeddings(pixels)  # (B, 1 + R + P, D); the patch conv in bf16
         x = hidden.float()
         with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
-            for block in self.blocks:
-                x = self._block(x, *block)
+            try:
+                out = x
+                for block in self.blocks:
+                    out = self._block(out, *block)
+            except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton: run eager
+                if self._block == self._block_eager:
+                    raise
+                logger.warning("torch.compile failed (%s: %s); the model runs uncompiled",
+                               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self._block = self._block_eager
+                out = x
+                for block in self.blocks:
+                    out = self._block(out, *block)
+            x = out
         tokens = x[:, 1 + self.num_register_tokens :]  # (B, P, D)
         return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)

@@ -201,6 +201,21 @@ def test_fused_forward_computes_transformers_prenorm_tokens(tiny_loaded, attenti
     assert (wrong - reference).abs().max() > 0.1
 
 
+def test_a_failing_torch_compile_falls_back_to_the_eager_block(tiny_loaded, caplog):
+    fused = FusedDinov2(tiny_loaded.model, torch.float32)
+    eager = fused._block_eager
+
+    def broken(*args):
+        raise RuntimeError("Failed to find C compiler")
+
+    fused._block = broken
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        out = fused(pixels)
+    assert fused._block == eager and "torch.compile failed (RuntimeError: Failed to find C compiler)" in caplog.text
+    torch.testing.assert_close(out, prenorm_patch_tokens(tiny_loaded.model, pixels), rtol=1e-4, atol=1e-4)
+
+
 def test_equal_batches_give_the_same_features_as_one_batch(tmp_path, tiny_loaded):
     render_dir, voxels = write_synthetic_asset(tmp_path, SHA_A, num_views=7, resolution=64)
     job = FeatureJob(SHA_A, render_dir, voxels)
