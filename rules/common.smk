@@ -228,10 +228,15 @@ from slatflow.render import CondSettings, RenderSettings
 
 RENDER = RenderSettings.from_config(config["render"])
 RENDER_COND = CondSettings.from_config(config["render_cond"])
+# A GPU is GPU_SLOTS of the gpu_slot resource (profiles/default: gpu_slot=8). A render
+# takes all of them; a model job handed to a worker takes one, so several run side by side
+# and their worker reads, runs and writes different assets at once (slatflow/worker.py).
+GPU_SLOTS = 8
+MODEL_JOB_SLOTS = 1 if config["workers"]["enabled"] else GPU_SLOTS
 # Cycles on a GPU, or EEVEE (OpenGL): one GPU job at a time on a machine (profiles/default).
 # Raster jobs run side by side: their Blender export is CPU work, and one raster worker per
 # machine owns the GL context.
-RENDER_GPU_SLOT = int(
+RENDER_GPU_SLOT = GPU_SLOTS * int(
     RENDER.engine == "BLENDER_EEVEE_NEXT"
     or (RENDER.engine == "CYCLES" and RENDER.device != "CPU")
 )
@@ -257,8 +262,8 @@ from slatflow.feature_settings import FeatureSettings
 FEATURES = FeatureSettings.from_config(config["features"])
 # features/<name>/: the model, plus suffixes for non-TRELLIS settings (see the schema)
 FEATURE_MODEL = FEATURES.feature_name
-# One GPU job at a time on a machine when DINOv2 runs on its GPU (profiles/default).
-FEATURE_GPU_SLOT = int(
+# GPU slots of a features job when DINOv2 runs on the GPU (profiles/default).
+FEATURE_GPU_SLOT = MODEL_JOB_SLOTS * int(
     FEATURES.device.startswith("cuda")
     or (FEATURES.device == "auto" and shutil.which("nvidia-smi") is not None)
 )
@@ -287,8 +292,8 @@ LATENTS.check_feature_channels(resolve_arch(FEATURES.model).embed_dim, FEATURES.
 SS_LATENT_NAME = LATENTS.name("ss")
 # latents/<feat>_<slat_enc>: TRELLIS's name, the features read, then the encoder
 SLAT_LATENT_NAME = f"{FEATURE_MODEL}_{LATENTS.name('slat')}"
-# One GPU job at a time on a machine when the encoders run on its GPU (profiles/default).
-LATENT_GPU_SLOT = int(
+# GPU slots of a latent job when the encoders run on the GPU (profiles/default).
+LATENT_GPU_SLOT = MODEL_JOB_SLOTS * int(
     LATENTS.device == "cuda"
     or (LATENTS.device == "auto" and shutil.which("nvidia-smi") is not None)
 )

@@ -351,3 +351,130 @@ def prenorm_patch_tokens(model, pixels: "torch.Tensor") -> "torch.Tensor":
     hidden = model.encoder(hidden).last_hidden_state  # (B, 1 + R + P, D), no final norm
     tokens = hidden[:, 1 + model.config.num_register_tokens :]  # (B, P, D), row-major patches
     return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)  # (B, D, grid, grid)
+
+
+# SDPA backends by name; "auto" is torch's own choice, the fastest on an H200 at DINOv2's
+# shapes (1374 tokens, head width 64): 0.372 s per asset against cuDNN 0.387, flash 0.407,
+# memory-efficient 0.522 (bench/bench_pipeline_gpu.py).
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def _sdpa_backends(name: str):
+    from torch.nn.attention import SDPBackend
+
+    by_name = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    if name == "auto":
+        return None
+    # the named one first; the others stay as fallbacks for shapes it does not take
+    return [by_name[name]] + [b for key, b in by_name.items() if key != name]
+
+
+def _layer_tensor(state: Mapping[str, "torch.Tensor"], hub_name: str) -> "torch.Tensor":
+    """A block parameter by its hub name, under whichever name the installed transformers uses."""
+    if hub_name in state:
+        return state[hub_name]
+    for old, new in _RENAMED_ATTENTION.items():
+        hub_name = hub_name.replace(old, new)
+    return state[hub_name]
+
+
+class FusedDinov2:
+    """DINOv2's `x_prenorm` forward for inference, rebuilt from a transformers model's weights.
+
+    transformers' blocks run q, k and v as three matmuls, the layer scales as separate
+    multiplies and, under autocast, re-cast every weight on every call. Here each block's
+    weights are prepared once in the compute dtype: q, k, v fused into one (3D, D) matmul,
+    the layer scales folded into the output projections (ls * (W x + b) = (ls W) x + ls b),
+    attention through `scaled_dot_product_attention` with a chosen backend. The residual
+    stream and the LayerNorms stay float32, as under autocast, so the result is transformers'
+    bf16-autocast result up to rounding (tests/test_features.py checks fp32 against it).
+
+    Args:
+        model: a `Dinov2WithRegistersModel` (its embeddings are reused as they are).
+        dtype: the matmuls' dtype (torch.bfloat16 on a GPU; float32 gives the reference).
+        attention: one of ATTENTION_BACKENDS.
+        compile: `torch.compile` the block function (one graph shared by all blocks).
+    """
+
+    def __init__(self, model, dtype: "torch.dtype", attention: str = "auto", compile: bool = False):
+        import torch
+
+        self.model = model
+        self.dtype = dtype
+        self.backends = _sdpa_backends(attention)
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.eps = config.layer_norm_eps
+        self.num_register_tokens = config.num_register_tokens
+        self.patch_size = config.patch_size
+        self.blocks = []
+        with torch.no_grad():
+            for layer in model.encoder.layer:
+                state = layer.state_dict()
+                get = lambda name: _layer_tensor(state, name).float()  # noqa: E731
+                ls1, ls2 = get("layer_scale1.lambda1"), get("layer_scale2.lambda1")
+                qkv_w = torch.cat([get(f"attention.attention.{n}.weight") for n in ("query", "key", "value")])
+                qkv_b = torch.cat([get(f"attention.attention.{n}.bias") for n in ("query", "key", "value")])
+                self.blocks.append((
+                    get("norm1.weight"), get("norm1.bias"),
+                    qkv_w.to(dtype), qkv_b.to(dtype),
+                    (get("attention.output.dense.weight") * ls1[:, None]).to(dtype),
+                    (get("attention.output.dense.bias") * ls1).to(dtype),
+                    get("norm2.weight"), get("norm2.bias"),
+                    get("mlp.fc1.weight").to(dtype), get("mlp.fc1.bias").to(dtype),
+                    (get("mlp.fc2.weight") * ls2[:, None]).to(dtype), (get("mlp.fc2.bias") * ls2).to(dtype),
+                ))  # fmt: skip
+        self._block = torch.compile(self._block_eager, dynamic=False) if compile else self._block_eager
+
+    def _block_eager(self, x, n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b):
+        """One block: x float32 (B, T, D) -> float32 (B, T, D)."""
+        import torch.nn.functional as F
+
+        batch, tokens, width = x.shape
+        h = F.layer_norm(x, (width,), n1w, n1b, self.eps).to(self.dtype)
+        q, k, v = F.linear(h, qkv_w, qkv_b).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, tokens, width), o_w, o_b)
+        h = F.layer_norm(x, (width,), n2w, n2b, self.eps).to(self.dtype)
+        return x + F.linear(F.gelu(F.linear(h, f1w, f1b)), f2w, f2b)
+
+    def to(self, device) -> "FusedDinov2":
+        self.blocks = [tuple(t.to(device) for t in block) for block in self.blocks]
+        return self
+
+    def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """As `prenorm_patch_tokens`: float (B, 3, S, S) -> (B, D, S/p, S/p), in float32."""
+        import contextlib
+
+        import torch
+        from torch.nn.attention import sdpa_kernel
+
+        batch, _, size, _ = pixels.shape
+        grid = size // self.patch_size
+        with torch.autocast(pixels.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model.embeddings(pixels)  # (B, 1 + R + P, D); the patch conv in bf16
+        x = hidden.float()
+        with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
+            try:
+                out = x
+                for block in self.blocks:
+                    out = self._block(out, *block)
+            except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton: run eager
+                if self._block == self._block_eager:
+                    raise
+                logger.warning("torch.compile failed (%s: %s); the model runs uncompiled",
+                               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self._block = self._block_eager
+                out = x
+                for block in self.blocks:
+                    out = self._block(out, *block)
+            x = out
+        tokens = x[:, 1 + self.num_register_tokens :]  # (B, P, D)
+        return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)

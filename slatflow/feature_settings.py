@@ -108,6 +108,8 @@ class FeatureSettings:
         sample_memory_mb: bound on one `grid_sample` output (views x D x voxels x 4 bytes);
             voxels are processed in chunks under it.
         seed: the random initialisation's seed (weights `random` only).
+        attention: the SDPA backend of the bf16 model (`slatflow.dinov2.ATTENTION_BACKENDS`).
+        compile: `torch.compile` the bf16 model's block (a one-off cost per model worker).
     """
 
     model: str = "dinov2_vitl14_reg"
@@ -121,6 +123,8 @@ class FeatureSettings:
     resize: ResizeWhere = "auto"
     sample_memory_mb: int = 1024
     seed: int = 0
+    attention: str = "auto"
+    compile: bool = True
 
     def __post_init__(self):
         arch = resolve_arch(self.model)
@@ -131,6 +135,8 @@ class FeatureSettings:
                 raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"features.dtype {self.dtype!r} is not one of auto, float32, bfloat16")
+        if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):
+            raise ConfigError(f"features.attention {self.attention!r} is not one of auto, cudnn, flash, efficient, math")
         if self.resize not in ("auto", "pil", "device"):
             raise ConfigError(f"features.resize {self.resize!r} is not one of auto, pil, device")
         other = next((name for name, hub in HUB_IDS.items() if hub == self.weights and name != self.model), None)

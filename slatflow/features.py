@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from slatflow import cameras
-from slatflow.dinov2 import LoadedDinov2, load_dinov2, prenorm_patch_tokens
+from slatflow.dinov2 import FusedDinov2, LoadedDinov2, load_dinov2, prenorm_patch_tokens
 from slatflow.errors import AssetError, ConfigError
 from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
     PROVENANCE_FILE,
@@ -64,6 +65,10 @@ VISIBILITY_DEPTH_RESOLUTION = 256
 # A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
 # one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
 VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
+# Requests a features worker serves at once: one asset on the device while others decode
+# their views or compress their outputs (each ~1 CPU-s per asset; the workflow runs up to
+# 8 model jobs side by side, rules/common.smk).
+WORKER_REQUESTS_AT_ONCE = 4
 _VIEW_FILE = re.compile(r"^\d+\.png$")  # the render stage's view names (000.png, ...)
 _IMAGE_MODES = ("RGBA", "RGB", "LA", "L", "P")  # what PIL converts to RGBA without loss of meaning
 
@@ -556,7 +561,14 @@ class FeatureExtractor:
         self.compute_dtype = getattr(torch, dtype)
         self.model = loaded.model.to(self.device).eval()
         self.embed_dim = self.model.config.hidden_size
+        # Half precision runs the fused forward; float32 stays transformers' own (the reference).
+        self.fused = None
+        if self.compute_dtype != torch.float32:
+            self.fused = FusedDinov2(self.model, self.compute_dtype, settings.attention, settings.compile).to(self.device)
         shape = (3, 1, 1)
+        self._device_lock = threading.Lock()  # `process` threads take turns on the model
+        self._pool_lock = threading.Lock()
+        self._decoder: ThreadPoolExecutor | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).view(shape)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).view(shape)
         logger.info(
@@ -581,6 +593,8 @@ class FeatureExtractor:
         rgba = rgba.to(self.device, non_blocking=True)
         rgba = lanczos_resize_rgba(rgba, self.settings.image_size)  # (B, S, S, 4)
         pixels = self._normalize(rgba)
+        if self.fused is not None:
+            return self.fused(pixels)
         with (
             torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32),
             exact_fp32(self.device, self.compute_dtype),  # float32 on CUDA means no TF32
@@ -603,7 +617,8 @@ class FeatureExtractor:
         total = torch.zeros(self.embed_dim, num_voxels, device=self.device)  # (D, N) sum over views
         seen = torch.zeros(num_voxels, device=self.device) if depth_maps is not None else None
         unweighted = torch.zeros_like(total) if depth_maps is not None else None
-        batch = self.settings.batch_size
+        num_batches = -(-num_views // self.settings.batch_size)
+        batch = -(-num_views // num_batches)  # equal batches: one shape per asset, no small tail
         for start in range(0, num_views, batch):
             stop = min(start + batch, num_views)
             rgba = torch.from_numpy(self._stack_views([f.result() for f in asset.images[start:stop]]))
@@ -723,6 +738,38 @@ class FeatureExtractor:
             results = [o.result() if isinstance(o, Future) else o for o in outcomes]
         return results
 
+    def process(self, job: FeatureJob, keep_features: bool = False) -> FeatureOutcome:
+        """Extract and write one asset; thread-safe, for a model worker serving jobs at once.
+
+        Each calling thread decodes its asset's views (on a decode pool shared by all callers),
+        waits its turn on the device, and compresses and writes its own output, so with
+        requests in flight the device runs one asset while the CPUs read and write others.
+        """
+        import torch
+
+        started = time.perf_counter()
+        if job.output_path is not None:  # every request, as a batch run does: the folder may be new
+            write_json_atomic(job.output_path.parent / PROVENANCE_FILE, self.provenance())
+        asset = None
+        try:
+            asset = self._prepare(job, self._decode_pool())
+            for image in asset.images:  # decoded before taking the device: it never waits on PNGs
+                image.result()
+            with self._device_lock, torch.inference_mode():
+                features = self._extract_prepared(asset)
+        except AssetError as exc:
+            if asset is not None:
+                asset.cancel()
+            logger.error("asset %s failed: %s", job.sha256, exc.reason)
+            return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc)
+        return self._finish(job, features, started, keep_features)
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
+            return self._decoder
+
     def provenance(self) -> dict:
         """What the features were made with, for `features/<name>/provenance.json`."""
         return {
@@ -785,16 +832,21 @@ def worker_service(settings: dict) -> Callable[[dict], None]:
     Args:
         settings: `FeatureSettings` fields.
     """
-    extractor = FeatureExtractor(FeatureSettings(**settings))
+    return request_handler(FeatureExtractor(FeatureSettings(**settings)))
+
+
+def request_handler(extractor: FeatureExtractor) -> Callable[[dict], None]:
+    """The worker's handler around a loaded extractor (thread-safe: `concurrency` at once)."""
 
     def handle(request: dict) -> None:
         if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it
             warn_random_weights(logger, extractor.settings.model)
         job = FeatureJob(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
-        (outcome,) = extractor.run([job])
+        outcome = extractor.process(job)
         if outcome.error is not None:
             raise outcome.error
 
+    handle.concurrency = WORKER_REQUESTS_AT_ONCE
     return handle
 
 

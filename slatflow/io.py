@@ -98,11 +98,32 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+# zlib level of the npz files' deflate streams (np.load reads any; np.savez_compressed
+# always uses 6). DINOv2's float16 features hardly compress (92% of raw at every level,
+# bench/bench_pipeline_gpu.py), so the cheapest level loses nothing.
+NPZ_DEFLATE_LEVEL = 1
+# Deflate chunks compressed in parallel: each is an independent stream ended by a sync
+# flush (byte-aligned, not final), so their concatenation is one valid deflate stream
+# (what pigz writes); zlib releases the GIL, so threads use the job's CPUs.
+_DEFLATE_CHUNK = 4 << 20
+_DEFLATE_THREADS = min(8, os.cpu_count() or 1)
+_ZIP32_LIMIT = 0xFFFFFFFF  # larger members (never seen for the stages' outputs) go through zipfile's zip64
+
+
 def save_npz_atomic(
-    path: str | os.PathLike, contract: Mapping[str, ArrayContract] | None = None, **arrays: np.ndarray
+    path: str | os.PathLike,
+    *,
+    contract: Mapping[str, ArrayContract] | None = None,
+    compresslevel: int = NPZ_DEFLATE_LEVEL,
+    **arrays: np.ndarray,
 ) -> None:
-    """`np.savez_compressed` under a temporary name, read back and checked, then renamed (TRELLIS
-    reads npz).
+    """A deflate-compressed npz (what `np.savez_compressed` writes: one `<name>.npy` member
+    per array, ZIP_DEFLATED) at `compresslevel`, under a temporary name, read back and
+    checked, then renamed (TRELLIS reads npz).
+
+    The members are deflated in parallel chunks, so the archive is written here, not by
+    `zipfile`, which compresses a member on one thread only (`tests/test_io.py` checks the
+    result with zipfile's CRC test and against np.savez_compressed's bytes).
 
     Args:
         contract: key -> (dtype, shape with None for a free dimension) of the arrays the
@@ -112,8 +133,26 @@ def save_npz_atomic(
         OutputCheckError: an array breaks the contract, or the file does not read back as
             written; nothing is left under `path`.
     """
+    import io as bytes_io
+
     arrays = {key: np.asarray(value) for key, value in arrays.items()}
-    for key, (dtype, shape) in (contract or {}).items():
+    _check_contract(path, arrays, contract or {})
+    members = []
+    for name, value in arrays.items():
+        buffer = bytes_io.BytesIO()
+        np.lib.format.write_array(buffer, np.asanyarray(value), allow_pickle=False)
+        members.append((f"{name}.npy", buffer.getbuffer()))
+    with atomic_path(path, suffix=".npz") as tmp:
+        if any(len(data) >= _ZIP32_LIMIT for _, data in members):
+            _write_zip64_npz(tmp, members, compresslevel)
+        else:
+            with open(tmp, "wb") as handle:
+                _write_zip(handle, [(name, data, *_parallel_deflate(data, compresslevel)) for name, data in members])
+        _check_npz_reads_back(tmp, path, arrays)
+
+
+def _check_contract(path, arrays: Mapping[str, np.ndarray], contract: Mapping[str, ArrayContract]) -> None:
+    for key, (dtype, shape) in contract.items():
         array = arrays.get(key)
         if array is None:
             raise OutputCheckError(f"{path}: no {key!r} array")
@@ -123,9 +162,58 @@ def save_npz_atomic(
             raise OutputCheckError(f"{path}: {key!r} is {array.dtype} {array.shape}, expected {dtype} {shape}")
         if array.size == 0:
             raise OutputCheckError(f"{path}: {key!r} is empty {array.shape}")
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
-        _check_npz_reads_back(tmp, path, arrays)
+
+
+def _parallel_deflate(data: memoryview, level: int) -> tuple[bytes, int]:
+    """(raw deflate stream of `data`, its CRC-32)."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [data[i : i + _DEFLATE_CHUNK] for i in range(0, len(data), _DEFLATE_CHUNK)] or [data]
+
+    def deflate(index: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+        last = index == len(chunks) - 1
+        return compressor.compress(chunks[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    if len(chunks) == 1:
+        parts = [deflate(0)]
+    else:
+        with ThreadPoolExecutor(min(_DEFLATE_THREADS, len(chunks))) as pool:
+            parts = list(pool.map(deflate, range(len(chunks))))
+    return b"".join(parts), zlib.crc32(data)
+
+
+def _write_zip(handle, members: list[tuple[str, memoryview, bytes, int]]) -> None:
+    """A zip archive of deflated members (APPNOTE 4.3: local headers, central directory)."""
+    import struct
+    import time
+
+    now = time.localtime()
+    dos_time = (now.tm_hour << 11) | (now.tm_min << 5) | (now.tm_sec // 2)
+    dos_date = ((now.tm_year - 1980) << 9) | (now.tm_mon << 5) | now.tm_mday
+    central = []
+    for name, data, deflated, crc in members:
+        encoded = name.encode()
+        offset = handle.tell()
+        fields = (20, 0, 8, dos_time, dos_date, crc, len(deflated), len(data), len(encoded), 0)
+        handle.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields) + encoded)
+        handle.write(deflated)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | 20, *fields[:-1], 0, 0, 0, 0,
+                                   0o644 << 16, offset) + encoded)
+    start = handle.tell()
+    directory = b"".join(central)
+    handle.write(directory)
+    handle.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), len(directory), start, 0))
+
+
+def _write_zip64_npz(tmp: Path, members: list[tuple[str, memoryview]], level: int) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for name, data in members:
+            with archive.open(name, "w", force_zip64=True) as member:
+                member.write(data)
 
 
 def _check_npz_reads_back(tmp: Path, path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 import zipfile
 from collections import deque
@@ -63,6 +64,9 @@ SS_BATCH = {"cuda": 8, "cpu": 1}
 SLAT_VOXELS_PER_BATCH = {"cuda": 4 * TRAINING_VOXEL_CAP, "cpu": TRAINING_VOXEL_CAP}
 # Assets read ahead of the model by the loader thread.
 PREFETCH_ASSETS = 8
+# Requests a latent model worker serves at once (their inputs are batched together): as
+# many as a GPU forward pass packs, so jobs running side by side fill one.
+WORKER_REQUESTS_AT_ONCE = 8
 
 FEATURE_KEYS = ("indices", "patchtokens")
 
@@ -388,19 +392,35 @@ def _run_split_on_oom(
         )
 
 
-def _encode_all(
-    jobs: Sequence[LatentJob],
-    stage: str,
-    read: Callable[[LatentJob], T],
-    size_of: Callable[[T], int],
-    budget: int,
-    forward: Callable[[list[tuple[LatentJob, T]]], list[np.ndarray]],
-    pack: Callable[[T, np.ndarray], dict[str, np.ndarray]],
-    describe: Callable[[T], str],
-    random_weights: bool,
-) -> dict[str, AssetError]:
+@dataclass(frozen=True)
+class _Codec:
+    """How one encoder reads, batches, runs and packs its assets (SS or SLat)."""
+
+    stage: str
+    read: Callable[[LatentJob], Any]  # -> the asset's input; raises AssetError
+    size_of: Callable[[Any], int]  # an input's share of `budget`
+    budget: int  # per forward pass
+    forward: Callable[[list[tuple[LatentJob, Any]]], list[np.ndarray]]
+    pack: Callable[[Any, np.ndarray], dict[str, np.ndarray]]  # input, result -> the npz arrays
+    describe: Callable[[Any], str]
+    random_weights: bool
+
+    def check(self, job: LatentJob, item: Any, result: np.ndarray | AssetError) -> np.ndarray | AssetError:
+        if not isinstance(result, AssetError) and not np.isfinite(result).all():
+            return AssetError(job.sha256, f"non-finite latent from {self.describe(item)}", self.stage)
+        return result
+
+    def write(self, job: LatentJob, item: Any, result: np.ndarray) -> None:
+        arrays = self.pack(item, result)
+        arrays["random_weights"] = np.bool_(self.random_weights or bool(arrays.get("random_weights", False)))
+        contract = {key: LATENT_CONTRACT[key] for key in arrays if key in LATENT_CONTRACT}
+        save_npz_atomic(job.output, contract=contract, **arrays)
+
+
+def _encode_all(jobs: Sequence[LatentJob], codec: _Codec) -> dict[str, AssetError]:
     """Read, batch, encode, check and write every job; return the failures by sha256."""
     failures: dict[str, AssetError] = {}
+    stage = codec.stage
 
     def record(sha256: str, error: AssetError) -> None:
         logger.error("%s", error)
@@ -413,28 +433,23 @@ def _encode_all(
             else:
                 yield job, item
 
-    def write(job: LatentJob, arrays: dict[str, np.ndarray]) -> None:
-        arrays["random_weights"] = np.bool_(random_weights or bool(arrays.get("random_weights", False)))
-        contract = {key: LATENT_CONTRACT[key] for key in arrays if key in LATENT_CONTRACT}
-        save_npz_atomic(job.output, contract=contract, **arrays)
-
     with ThreadPoolExecutor(max_workers=2) as writer:
         writes: list[tuple[LatentJob, Future]] = []
-        for batch in _batches(keep_readable(_read_ahead(jobs, read, PREFETCH_ASSETS)), size_of, budget):
+        readable = keep_readable(_read_ahead(jobs, codec.read, PREFETCH_ASSETS))
+        for batch in _batches(readable, codec.size_of, codec.budget):
             start = time.perf_counter()
-            results = _run_split_on_oom(batch, forward, stage, describe)
+            results = _run_split_on_oom(batch, codec.forward, stage, codec.describe)
             for (job, item), result in zip(batch, results):
+                result = codec.check(job, item, result)
                 if isinstance(result, AssetError):
                     record(job.sha256, result)
-                elif not np.isfinite(result).all():
-                    record(job.sha256, AssetError(job.sha256, f"non-finite latent from {describe(item)}", stage))
                 else:
-                    writes.append((job, writer.submit(write, job, pack(item, result))))
+                    writes.append((job, writer.submit(codec.write, job, item, result)))
             logger.info(
                 "%s: encoded %d assets (%s) in %.2f s",
                 stage,
                 len(batch),
-                ", ".join(describe(item) for _, item in batch),
+                ", ".join(codec.describe(item) for _, item in batch),
                 time.perf_counter() - start,
             )
         for job, future in writes:
@@ -444,6 +459,56 @@ def _encode_all(
                 record(job.sha256, AssetError(job.sha256, f"cannot write {job.output}: {exc}", stage))
     logger.info("%s: %d of %d assets written", stage, len(jobs) - len(failures), len(jobs))
     return failures
+
+
+class _RequestBatcher:
+    """Encodes the assets of a model worker's concurrent requests together.
+
+    Each request thread reads its own input (in parallel), hands it here and waits; one
+    device thread takes whatever has arrived, up to the codec's budget, as one forward pass.
+    So jobs running side by side share forward passes, as a batch run's assets do.
+    """
+
+    def __init__(self, codec: _Codec):
+        import queue
+
+        self.codec = codec
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=f"{codec.stage}-device", daemon=True).start()
+
+    def encode(self, job: LatentJob, item: Any) -> np.ndarray | AssetError:
+        future: Future = Future()
+        self._queue.put((job, item, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        import queue
+
+        held = None  # an arrival that did not fit the previous batch
+        while True:
+            first = held or self._queue.get()
+            held = None
+            batch, used = [first], self.codec.size_of(first[1])
+            while True:
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                size = self.codec.size_of(following[1])
+                if used + size > self.codec.budget:
+                    held = following
+                    break
+                batch.append(following)
+                used += size
+            try:
+                results = _run_split_on_oom([(job, item) for job, item, _ in batch], self.codec.forward,
+                                            self.codec.stage, self.codec.describe)
+            except Exception as exc:  # noqa: BLE001 - each request re-raises it (the worker retires)
+                for _, _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results):
+                future.set_result(result)
 
 
 @dataclass(frozen=True)
@@ -494,6 +559,16 @@ def encode_ss_latents(
         The assets that failed, by sha256, with an AssetError naming the cause; the others
         are written.
     """
+    return _encode_all(jobs, _ss_codec(encoder, device, precision, batch_size))
+
+
+def _ss_codec(
+    encoder: LoadedEncoder | PlacedEncoder | str,
+    device: Device | str = "auto",
+    precision: Precision = "auto",
+    batch_size: int | None = None,
+) -> _Codec:
+    """The codec of `encode_ss_latents` (also a model worker's)."""
     import torch
 
     encoder, dev, dtype, model = _placed_encoder(encoder, "ss", device, precision)
@@ -508,8 +583,7 @@ def encode_ss_latents(
             mean = model(grids.to(dev))  # (B, 8, 16, 16, 16)
         return list(mean.float().cpu().numpy())
 
-    return _encode_all(
-        jobs,
+    return _Codec(
         SS_STAGE,
         read,
         size_of=lambda _: 1,
@@ -545,6 +619,16 @@ def encode_slat_latents(
     Returns:
         The assets that failed, by sha256, with an AssetError naming the cause.
     """
+    return _encode_all(jobs, _slat_codec(encoder, device, precision, max_voxels_per_batch))
+
+
+def _slat_codec(
+    encoder: LoadedEncoder | PlacedEncoder | str,
+    device: Device | str = "auto",
+    precision: Precision = "auto",
+    max_voxels_per_batch: int | None = None,
+) -> _Codec:
+    """The codec of `encode_slat_latents` (also a model worker's)."""
     import torch
 
     encoder, dev, dtype, model = _placed_encoder(encoder, "slat", device, precision)
@@ -566,8 +650,7 @@ def encode_slat_latents(
             )  # (N, 8)
         return np.split(mean.float().cpu().numpy(), np.cumsum(sizes)[:-1])
 
-    return _encode_all(
-        jobs,
+    return _Codec(
         SLAT_STAGE,
         read,
         size_of=lambda item: len(item.indices),
@@ -625,11 +708,35 @@ def _latent_encoder_for_jobs(
 
 
 def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]:
-    encode_jobs = _latent_encoder_for_jobs(kind, LatentSettings.from_config(settings["latents"]), settings["threads"])
+    """Requests are served at once (WORKER_REQUESTS_AT_ONCE): each reads its input and writes
+    its output in its own thread; the encoder runs the inputs that arrived together as one batch."""
+    import torch
+
+    latent_settings = LatentSettings.from_config(settings["latents"])
+    torch.set_num_threads(settings["threads"] or latent_settings.threads)
+    return request_handler(place(latent_settings.load(kind), kind, latent_settings.device, latent_settings.precision))
+
+
+def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:
+    """A latent worker's handler around a placed encoder (thread-safe: `concurrency` at once)."""
+    codec = (_ss_codec if placed.encoder.kind == "ss" else _slat_codec)(placed)
+    batcher = _RequestBatcher(codec)
 
     def handle(request: dict) -> None:
-        encode_jobs([LatentJob(request["sha256"], Path(request["source"]), Path(request["output"]))])
+        if placed.encoder.random_weights:  # said in every asset's log
+            warn_random_weights(logger, placed.encoder.name)
+        job = LatentJob(request["sha256"], Path(request["source"]), Path(request["output"]))
+        item = codec.read(job)
+        result = codec.check(job, item, batcher.encode(job, item))
+        if isinstance(result, AssetError):
+            raise result
+        try:
+            codec.write(job, item, result)
+        except OSError as exc:
+            raise AssetError(job.sha256, f"cannot write {job.output}: {exc}", codec.stage) from None
+        logger.info("%s: %s -> %s", codec.stage, codec.describe(item), job.output)
 
+    handle.concurrency = WORKER_REQUESTS_AT_ONCE
     return handle
 
 

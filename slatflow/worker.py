@@ -13,8 +13,11 @@ different model or GPU gets a worker of its own, and a worker never outlives its
 allocation's jobs (SLURM ends it with the allocation).
 
 A service is a factory `make(settings: dict) -> handler(request: dict) -> dict | None` (a
-JSON-serialisable summary for the job, or None), named
-`"module:function"` (see SERVICES); the handler raises `AssetError` for a bad asset.
+JSON-serialisable summary for the job, or None), named `"module:function"` (see SERVICES);
+the handler raises `AssetError` for a bad asset. A handler with a `concurrency` attribute
+n > 1 is thread-safe and serves up to n requests at once, each in its own thread: so one
+asset's inputs are read and its outputs written while another's runs on the GPU (the jobs
+of a model stage may then run side by side).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -270,11 +275,14 @@ class _LogPerRecord(logging.FileHandler):
 
 
 class _StreamToClient(logging.Handler):
-    """Sends the log records of the request being served to its job."""
+    """Sends the log records of the request being served to its job (with requests served
+    at once, only the records of the thread serving it)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, thread: int | None = None):
         super().__init__()
         self.stream = stream
+        if thread is not None:
+            self.addFilter(lambda record: record.thread == thread)
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(OSError):
@@ -294,24 +302,48 @@ def serve(spec: WorkerSpec, path: Path, idle_timeout: float) -> None:
     os.replace(tmp, path)
     own_socket = os.stat(path).st_ino
     server.settimeout(idle_timeout)
-    logger.info("%s worker ready on %s (pid %d)", spec.service, path, os.getpid())
+    concurrency = max(1, int(getattr(handler, "concurrency", 1)))
+    logger.info("%s worker ready on %s (pid %d, %d request(s) at once)", spec.service, path, os.getpid(), concurrency)
+    free = threading.Semaphore(concurrency)  # accept only while a request slot is free
+    healthy = threading.Event()
+    healthy.set()
+    in_flight = [0]  # requests being served
+    counter_lock = threading.Lock()
+
+    def retire() -> None:  # stop taking requests before the job hears of the error
+        logger.error("exiting after an unexpected error, so the next job gets a fresh worker")
+        healthy.clear()
+        server.close()
+
+    def serve_connection(connection: socket.socket) -> None:
+        try:
+            with connection:
+                _serve_one(handler, connection, retire, concurrency > 1)
+        finally:
+            with counter_lock:
+                in_flight[0] -= 1
+            free.release()
+
     served = 0
     try:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except TimeoutError:
-                logger.info("idle for %.0f s after %d request(s): exiting", idle_timeout, served)
-                return
-            with connection:
-                served += 1
-
-                def retire() -> None:  # stop taking requests before the job hears of the error
-                    logger.error("exiting after an unexpected error, so the next job gets a fresh worker")
-                    server.close()
-
-                if not _serve_one(handler, connection, retire):
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="request") as pool:
+            while healthy.is_set():
+                free.acquire()
+                try:
+                    connection, _ = server.accept()
+                except TimeoutError:
+                    free.release()
+                    if in_flight[0] == 0:
+                        logger.info("idle for %.0f s after %d request(s): exiting", idle_timeout, served)
+                        return
+                    continue
+                except OSError:  # closed by retire()
+                    free.release()
                     return
+                served += 1
+                with counter_lock:
+                    in_flight[0] += 1
+                pool.submit(serve_connection, connection)
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
@@ -320,8 +352,12 @@ def serve(spec: WorkerSpec, path: Path, idle_timeout: float) -> None:
                 path.with_suffix(".pid").unlink(missing_ok=True)
 
 
-def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[], None]) -> bool:
-    """Serve one request; False after an unexpected error (the process may be unhealthy)."""
+def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[], None], threaded: bool = False) -> bool:
+    """Serve one request; False after an unexpected error (the process may be unhealthy).
+
+    Args:
+        threaded: requests are served at once: relay only this thread's log records.
+    """
     stream = connection.makefile("rwb")
     try:
         request = json.loads(stream.readline())
@@ -329,7 +365,7 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
         stream.flush()
     except (ValueError, OSError):
         return True
-    to_client = _StreamToClient(stream)
+    to_client = _StreamToClient(stream, threading.get_ident() if threaded else None)
     to_client.setLevel(logging.INFO)
     logging.getLogger().addHandler(to_client)
     error, healthy, result = None, True, None

@@ -28,6 +28,7 @@ from PIL import Image
 from slatflow import cameras
 from slatflow.dinov2 import (
     ARCHITECTURES,
+    FusedDinov2,
     LoadedDinov2,
     convert_official_state_dict,
     hf_config,
@@ -176,6 +177,76 @@ def test_prenorm_tokens_are_hidden_states_before_layernorm(tiny_loaded):
         hidden = model(pixels, output_hidden_states=True).hidden_states[-1][:, 5:]  # (2, 1369, D)
     assert maps.shape == (2, TINY_ARCH.embed_dim, 37, 37)
     torch.testing.assert_close(maps.flatten(2).transpose(1, 2), hidden, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["auto", "math"])
+def test_fused_forward_computes_transformers_prenorm_tokens(tiny_loaded, attention):
+    """Fused qkv and folded layer scales change only rounding: float32 equals transformers'
+    forward, bf16 stays close; a fused block with a swapped weight would not."""
+    model = tiny_loaded.model
+    pixels = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        reference = prenorm_patch_tokens(model, pixels)  # (3, D, 16, 16)
+        fused = FusedDinov2(model, torch.float32, attention)(pixels)
+        half = FusedDinov2(model, torch.bfloat16, attention)(pixels)
+        broken = FusedDinov2(model, torch.float32, attention)
+        block = list(broken.blocks[0])
+        block[2] = block[2].roll(TINY_ARCH.embed_dim, dims=0)  # q and k rows swapped with v's
+        broken.blocks[0] = tuple(block)
+        wrong = broken(pixels)
+    assert fused.shape == reference.shape == (3, TINY_ARCH.embed_dim, 16, 16) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(half.float(), reference, dim=1)  # per patch
+    assert cosine.min() > 0.999
+    assert (wrong - reference).abs().max() > 0.1
+
+
+def test_a_failing_torch_compile_falls_back_to_the_eager_block(tiny_loaded, caplog):
+    fused = FusedDinov2(tiny_loaded.model, torch.float32)
+    eager = fused._block_eager
+
+    def broken(*args):
+        raise RuntimeError("Failed to find C compiler")
+
+    fused._block = broken
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        out = fused(pixels)
+    assert fused._block == eager and "torch.compile failed (RuntimeError: Failed to find C compiler)" in caplog.text
+    torch.testing.assert_close(out, prenorm_patch_tokens(tiny_loaded.model, pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_equal_batches_give_the_same_features_as_one_batch(tmp_path, tiny_loaded):
+    render_dir, voxels = write_synthetic_asset(tmp_path, SHA_A, num_views=7, resolution=64)
+    job = FeatureJob(SHA_A, render_dir, voxels)
+    [whole] = run_with_deadline(tiny_extractor(tiny_loaded, batch_size=7), [job])
+    [split] = run_with_deadline(tiny_extractor(tiny_loaded, batch_size=3), [job])  # batches of 3, 3, 1
+    np.testing.assert_allclose(split.features.mean, whole.features.mean, rtol=1e-5, atol=1e-5)
+
+
+def test_process_from_threads_writes_what_run_writes_and_a_bad_asset_fails_alone(tmp_path, tiny_loaded):
+    """A worker's threads call `process` at once: same files as a batch run, one failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for i, sha in enumerate(["1" * 64, "2" * 64, "3" * 64]):
+        render_dir, voxels = write_synthetic_asset(tmp_path, sha, num_views=4, resolution=64, radius=0.3 + 0.05 * i)
+        jobs.append(FeatureJob(sha, render_dir, voxels))
+    (jobs[1].render_dir / "002.png").write_bytes(b"not a png")
+    extractor = tiny_extractor(tiny_loaded)
+    threaded_jobs = [FeatureJob(j.sha256, j.render_dir, j.voxels_path, tmp_path / "threads" / f"{j.sha256}.npz")
+                     for j in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(extractor.process, threaded_jobs))
+    reference = run_with_deadline(extractor, jobs)
+    assert [o.error is None for o in outcomes] == [o.error is None for o in reference] == [True, False, True]
+    assert "cannot decode view" in outcomes[1].error.reason and not threaded_jobs[1].output_path.exists()
+    for job, ref in zip(threaded_jobs[::2], reference[::2]):
+        with np.load(job.output_path) as npz:
+            assert npz["patchtokens"].dtype == np.float16 and npz["indices"].dtype == np.uint8
+            np.testing.assert_array_equal(npz["patchtokens"], ref.features.patchtokens)
+            np.testing.assert_array_equal(npz["indices"], ref.features.indices)
+    assert (tmp_path / "threads" / "provenance.json").is_file()
 
 
 @pytest.mark.parametrize("size", [224, 448, 518, 742])

@@ -72,7 +72,15 @@ def test_an_npz_that_does_not_read_back_is_never_renamed_into_place(tmp_path, mo
     from slatflow.errors import transient_cause
     from slatflow.io import OutputCheckError
 
-    monkeypatch.setattr(np, "savez_compressed", _truncating(np.savez_compressed))
+    import slatflow.io
+
+    write_zip = slatflow.io._write_zip
+
+    def short_write(handle, members):  # the archive loses its second half on the way to disk
+        write_zip(handle, members)
+        handle.truncate(handle.tell() // 2)
+
+    monkeypatch.setattr(slatflow.io, "_write_zip", short_write)
     with pytest.raises(OutputCheckError, match="does not read back as written") as info:
         save_npz_atomic(tmp_path / "x.npz", a=np.arange(1000))
     assert list(tmp_path.iterdir()) == []
@@ -131,3 +139,33 @@ def test_a_reader_names_the_upstream_file_and_its_stage(tmp_path):
         with pytest.raises(AssetError) as info:
             read()
         assert f"{path} (written by the {stage} stage)" in info.value.reason
+
+
+@pytest.mark.parametrize("level, rows", [(1, 500), (6, 500), (1, 300_000)])  # 300k rows: several chunks
+def test_npz_holds_what_savez_compressed_holds_deflated_at_the_level(tmp_path, level, rows):
+    import zipfile
+
+    rng = np.random.default_rng(1)
+    arrays = {"indices": rng.integers(0, 64, (rows, 3), dtype=np.uint8),
+              "patchtokens": rng.standard_normal((rows, 16)).astype(np.float16), "flag": np.bool_(True)}
+    save_npz_atomic(tmp_path / "ours.npz", compresslevel=level, **arrays)
+    np.savez_compressed(tmp_path / "numpy.npz", **arrays)
+    with zipfile.ZipFile(tmp_path / "ours.npz") as ours, zipfile.ZipFile(tmp_path / "numpy.npz") as reference:
+        assert ours.namelist() == reference.namelist() == ["indices.npy", "patchtokens.npy", "flag.npy"]
+        assert {info.compress_type for info in ours.infolist()} == {zipfile.ZIP_DEFLATED}
+        assert ours.testzip() is None, "every member's CRC matches"
+        for name in ours.namelist():
+            assert ours.read(name) == reference.read(name)  # the same .npy bytes inside
+    with np.load(tmp_path / "ours.npz") as loaded:
+        for name, value in arrays.items():
+            assert loaded[name].dtype == value.dtype and np.array_equal(loaded[name], value)
+
+
+def test_a_member_over_4_gib_goes_through_zipfiles_zip64(tmp_path, monkeypatch):
+    import slatflow.io
+
+    monkeypatch.setattr(slatflow.io, "_ZIP32_LIMIT", 100)  # a small stand-in for 4 GiB
+    big = np.arange(1000, dtype=np.int32)
+    save_npz_atomic(tmp_path / "x.npz", big=big, small=np.uint8(3))
+    with np.load(tmp_path / "x.npz") as loaded:
+        assert np.array_equal(loaded["big"], big) and loaded["small"] == 3

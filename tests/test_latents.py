@@ -488,6 +488,68 @@ def test_encode_ss_latents_writes_means_and_names_bad_assets(tmp_path):
         assert np.allclose(mean, direct.numpy(), atol=1e-5)  # oneDNN picks kernels by batch size
 
 
+def test_worker_requests_arriving_together_share_a_forward_pass():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls, gate = [], threading.Event()
+
+    def forward(batch):
+        calls.append([item for _, item in batch])
+        gate.wait(10)  # the first request holds the device while the others arrive
+        return [np.full(2, float(item)) for _, item in batch]
+
+    codec = latents._Codec("ss_latent", read=None, size_of=lambda item: 1, budget=3, forward=forward,
+                           pack=None, describe=str, random_weights=False)
+    batcher = latents._RequestBatcher(codec)
+    jobs = [LatentJob(f"{i:064x}", Path("in"), Path("out")) for i in range(5)]
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(batcher.encode, jobs[0], 0)
+        while not calls:
+            time.sleep(0.01)
+        rest = [pool.submit(batcher.encode, job, i) for i, job in enumerate(jobs[1:], 1)]
+        time.sleep(0.3)
+        gate.set()
+        results = [f.result(timeout=10) for f in [first, *rest]]
+    assert [r.tolist() for r in results] == [[float(i)] * 2 for i in range(5)]
+    assert [len(c) for c in calls] == [1, 3, 1], "the waiting requests went in batches of the budget"
+    assert sorted(sum(calls, [])) == list(range(5))
+
+
+def test_ss_worker_service_from_threads_writes_what_a_batch_run_writes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = {"latents": {"ss_encoder": "random", "random_ss_args": TINY_SS_ARGS, "device": "cpu"}, "threads": 1}
+    handle = latents.ss_worker_service(settings)
+    assert handle.concurrency > 1
+    requests = []
+    for i, seed in enumerate((31, 32, 33)):
+        sha = f"{i:064x}"
+        write_points_ply(tmp_path / "voxels" / f"{sha}.ply", voxel_centres(surface_voxels(800 + 300 * i, seed=seed)))
+        requests.append({"sha256": sha, "source": str(tmp_path / "voxels" / f"{sha}.ply"),
+                         "output": str(tmp_path / "worker" / f"{sha}.npz")})
+    (tmp_path / "voxels" / "garbage.ply").write_bytes(b"not a ply")
+    bad = {"sha256": "garbage", "source": str(tmp_path / "voxels" / "garbage.ply"), "output": str(tmp_path / "g.npz")}
+
+    def serve(request):
+        try:
+            handle(request)
+        except AssetError as exc:
+            return exc.reason
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(serve, [*requests, bad]))
+    assert outcomes[:3] == [None] * 3 and "unreadable voxel file" in outcomes[3]
+    encoder = load_encoder("random", "ss", random_args=TINY_SS_ARGS)
+    jobs = [LatentJob(r["sha256"], Path(r["source"]), tmp_path / "batch" / f"{r['sha256']}.npz") for r in requests]
+    assert latents.encode_ss_latents(jobs, encoder, device="cpu") == {}
+    for request, job in zip(requests, jobs):
+        with np.load(request["output"]) as ours, np.load(job.output) as reference:
+            assert ours["mean"].dtype == np.float32 and bool(ours["random_weights"])
+            np.testing.assert_allclose(ours["mean"], reference["mean"], atol=1e-5)
+
+
 def write_features(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)

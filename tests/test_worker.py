@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,41 @@ def test_jobs_arriving_together_start_one_worker(toy, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda n: run_request(spec, request(tmp_path, n), settings, tmp_path / "logs"), "abcd"))
     assert len(loads(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_concurrent_service_serves_requests_at_once_and_logs_each_to_its_job(tmp_path, toy, caplog, concurrency):
+    caplog.set_level(logging.INFO)
+    spec, settings = toy
+    spec = WorkerSpec(TOY, {"record_dir": str(tmp_path), "concurrency": concurrency})
+    run_request(spec, request(tmp_path, "x"), settings, tmp_path / "logs")  # started and loaded
+    captured: dict[str, list[str]] = {}
+
+    def job(name: str) -> None:
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())
+        me = threading.get_ident()
+        handler.addFilter(lambda record: record.thread == me)  # this job's thread only
+        logging.getLogger().addHandler(handler)
+        try:
+            run_request(spec, request(tmp_path, name, "slow"), settings, tmp_path / "logs")
+        finally:
+            logging.getLogger().removeHandler(handler)
+        captured[name] = records
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        list(pool.map(job, "abc"))
+    elapsed = time.monotonic() - start
+    assert len(loads(tmp_path)) == 1 and all((tmp_path / f"{n}.out").exists() for n in "abc")
+    if concurrency == 1:
+        assert elapsed >= 3.0, "one request at a time"
+    else:
+        assert elapsed < 2.5, f"three 1-s requests took {elapsed:.1f} s: not served at once"
+        for name in "abc":  # each job got its own asset's lines only
+            assert [line for line in captured[name] if line.startswith("asset ")] == [
+                f"asset {name * 64}: slow in pid {loads(tmp_path)[0]}"]
 
 
 def test_a_bad_asset_is_reported_and_the_worker_goes_on(toy, tmp_path):

@@ -30,6 +30,9 @@ def make(settings: dict):
             os._exit(3)
         if action == "hang":
             time.sleep(3600)
+        if action == "slow":
+            time.sleep(1.0)
         Path(request["output"]).write_text(f"{os.getpid()}\n")
 
+    handle.concurrency = settings.get("concurrency", 1)
     return handle
