@@ -343,7 +343,10 @@ def serve(spec: WorkerSpec, path: Path, idle_timeout: float) -> None:
                 served += 1
                 with counter_lock:
                     in_flight[0] += 1
-                pool.submit(serve_connection, connection)
+                if concurrency == 1:  # on the thread that made the handler: a GL context is bound to it
+                    serve_connection(connection)
+                else:
+                    pool.submit(serve_connection, connection)
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
