@@ -20,7 +20,8 @@ Reported, in one run (the card is named in the output):
   slatflow's parallel writer, and 4 writers at once; PNG decode of
   150 views on 1 thread and on the decode pool;
 - streams through the workers, ms per asset: features before (transformers' forward,
-  deflate level 6, one job at a time) and now (one job at a time, then --clients at once),
+  deflate level 6, one job at a time) and now (one job at a time, then --clients at once,
+  then --variants: other requests at once and deflate levels),
   SS and SLat one job at a time and --latent-clients at once (SLat on the features the
   stream wrote, and on --slat-voxels synthetic voxels); GPU busy of the features stream;
 - TRELLIS's loop (bench_features.run_trellis) on --trellis-assets assets (the first a
@@ -45,6 +46,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +275,7 @@ def npz_levels(arrays: dict, out: Path, report: dict) -> None:
     raw = sum(a.nbytes for a in arrays.values())
     report["npz_savez_compressed_s"] = median_seconds(
         lambda: savez_compressed_atomic(out / "savez.npz", **arrays), torch.device("cpu"))
-    for level in (1, 2, 3, 6, 9):
+    for level in (0, 1, 2, 3, 6, 9):
         path = out / f"level{level}.npz"
         seconds = median_seconds(lambda: io.save_npz_atomic(path, compresslevel=level, **arrays), torch.device("cpu"))
         rows.append({"level": level, "s": seconds, "mb": path.stat().st_size / 1e6, "ratio": path.stat().st_size / raw})
@@ -344,6 +346,9 @@ def main() -> None:
     parser.add_argument("--trellis-assets", type=int, default=2, help="TRELLIS's loop: the first is a warm-up")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model-only")
     parser.add_argument("--quick", action="store_true", help="model only: the before and default rows; no TRELLIS")
+    parser.add_argument("--variants", type=lambda v: tuple(map(int, v.split(","))), nargs="*",
+                        default=[(8, 1), (4, 0), (8, 0)],
+                        help="features streams with other worker settings: AT_ONCE,LEVEL each")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_gpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the workers' per-asset random-weights warnings stay out
@@ -367,7 +372,7 @@ def main() -> None:
     settings = FeatureSettings(batch_size=args.batch_size, **base)
     extractor = FeatureExtractor(settings, loaded)
     report["defaults"] = {"batch_size": settings.batch_size, "attention": settings.attention, "compile": settings.compile,
-                          "npz_level": io.NPZ_DEFLATE_LEVEL, "decode_workers": args.decode_workers}
+                          "npz_level": settings.deflate_level, "decode_workers": args.decode_workers}
     image_size = settings.image_size
     report["tflop_per_asset"] = vit_flops(arch, image_size) * args.views / 1e12
 
@@ -409,6 +414,14 @@ def main() -> None:
     streams["features"] = feature_worker.stream(feature_requests(stream_jobs, args.out / "f"), args.clients, device)
     streams["features_profiled"] = feature_worker.stream(
         feature_requests(stream_jobs, args.out / "f_prof"), args.clients, device, profile=True)
+    for at_once, level in args.variants:  # the worker's requests at once and the npz level, swept
+        handler = features.request_handler(extractor)
+        handler.concurrency = at_once
+        variant = WorkerInProcess(service, handler, {"variant": f"{at_once}-{level}"}, args.out)
+        default_settings, extractor.settings = extractor.settings, replace(extractor.settings, deflate_level=level)
+        streams[f"features_{at_once}_at_once_level_{level}"] = variant.stream(
+            feature_requests(stream_jobs, args.out / f"f_{at_once}_{level}"), args.clients, device)
+        extractor.settings = default_settings
     for name in ("features_serial", "features"):
         print(f"  {name}: {streams[name]['ms_per_asset']:.0f} ms/asset", flush=True)
 
@@ -435,6 +448,14 @@ def main() -> None:
         big.append((sha, path))
     streams["slat_big_serial"] = slat_worker.stream(latent_requests(big, args.out / "slat_b1"), 1, device)
     streams["slat_big"] = slat_worker.stream(latent_requests(big, args.out / "slat_b"), args.latent_clients, device)
+    stored = []  # the same inputs written at deflate level 0 (stored blocks: no inflate work)
+    for sha, path in big:
+        with np.load(path) as data:
+            copy = args.out / "big_features_level_0" / path.name
+            io.save_npz_atomic(copy, compresslevel=0, **{key: data[key] for key in data.files})
+        stored.append((sha, copy))
+    streams["slat_big_level_0"] = slat_worker.stream(
+        latent_requests(stored, args.out / "slat_b0"), args.latent_clients, device)
     big_inputs = [(surface_voxels(args.slat_voxels, seed=i), random_patchtokens(args.slat_voxels, arch.embed_dim, seed=i))
                   for i in range(max(1, latents.SLAT_VOXELS_PER_BATCH[device.type] // args.slat_voxels))]
     latent_model_only(slat_placed, "slat", big_inputs, report, "slat_model_only")

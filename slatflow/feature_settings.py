@@ -110,6 +110,7 @@ class FeatureSettings:
         seed: the random initialisation's seed (weights `random` only).
         attention: the SDPA backend of the bf16 model (`slatflow.dinov2.ATTENTION_BACKENDS`).
         compile: `torch.compile` the bf16 model's block (a one-off cost per model worker).
+        deflate_level: zlib level of the npz files (0 stores the deflate stream uncompressed).
     """
 
     model: str = "dinov2_vitl14_reg"
@@ -125,6 +126,7 @@ class FeatureSettings:
     seed: int = 0
     attention: str = "auto"
     compile: bool = True
+    deflate_level: int = 1
 
     def __post_init__(self):
         arch = resolve_arch(self.model)
@@ -133,6 +135,8 @@ class FeatureSettings:
         for name in ("batch_size", "decode_workers", "sample_memory_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.deflate_level <= 9:
+            raise ConfigError(f"features.deflate_level must be in 0..9, got {self.deflate_level}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"features.dtype {self.dtype!r} is not one of auto, float32, bfloat16")
         if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):

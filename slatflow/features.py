@@ -533,6 +533,36 @@ class _PreparedAsset:
             future.cancel()
 
 
+@dataclass
+class _DeviceResult:
+    """An asset's outputs on their way from the device: host tensors, valid once `done`."""
+
+    mean: "torch.Tensor"  # float32 (N, D)
+    views_seen: "torch.Tensor | None"  # int32 (N,)
+    unseen: "torch.Tensor | None"  # int64 ()
+    done: "torch.cuda.Event | None"  # None: computed on the CPU, valid already
+
+
+def _to_host(tensor: "torch.Tensor") -> "torch.Tensor":
+    """A CPU copy; from CUDA into pinned memory without waiting (see `_DeviceResult.done`)."""
+    import torch
+
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _recorded_event(device: "torch.device") -> "torch.cuda.Event | None":
+    import torch
+
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 class FeatureExtractor:
     """Loads the model once and extracts features for many assets.
 
@@ -602,11 +632,29 @@ class FeatureExtractor:
             maps = prenorm_patch_tokens(self.model, pixels)
         return maps.float()
 
-    def _extract_prepared(self, asset: _PreparedAsset) -> AssetFeatures:
+    def _stage_views(self, asset: _PreparedAsset) -> list["torch.Tensor"]:
+        """The asset's views as uint8 (B, H, H, 4) host batches of equal size, pinned on CUDA:
+        made before the asset takes the device, which then never waits on PNGs or copies."""
+        import torch
+
+        num_views = len(asset.views)
+        num_batches = -(-num_views // self.settings.batch_size)
+        batch = -(-num_views // num_batches)  # equal batches: one shape per asset, no small tail
+        staged = []
+        for start in range(0, num_views, batch):
+            rgba = torch.from_numpy(self._stack_views([f.result() for f in asset.images[start:start + batch]]))
+            staged.append(rgba.pin_memory() if self.device.type == "cuda" else rgba)
+        return staged
+
+    def _enqueue(self, asset: _PreparedAsset, staged: list["torch.Tensor"]) -> "_DeviceResult":
+        """Queue the asset's work on the device; the result is copied back asynchronously.
+
+        Nothing here waits for the device, so the next asset's work queues behind this one's
+        while this one's caller waits for its copy outside the device lock.
+        """
         import torch
         import torch.nn.functional as F
 
-        sha256 = asset.job.sha256
         points = torch.from_numpy(asset.positions).to(self.device)  # (N, 3)
         projection = torch.from_numpy(asset.projection).to(self.device, torch.float32)  # (V, 3, 4)
         num_views, num_voxels = len(asset.views), len(points)
@@ -617,13 +665,9 @@ class FeatureExtractor:
         total = torch.zeros(self.embed_dim, num_voxels, device=self.device)  # (D, N) sum over views
         seen = torch.zeros(num_voxels, device=self.device) if depth_maps is not None else None
         unweighted = torch.zeros_like(total) if depth_maps is not None else None
-        num_batches = -(-num_views // self.settings.batch_size)
-        batch = -(-num_views // num_batches)  # equal batches: one shape per asset, no small tail
-        for start in range(0, num_views, batch):
-            stop = min(start + batch, num_views)
-            rgba = torch.from_numpy(self._stack_views([f.result() for f in asset.images[start:stop]]))
-            if self.device.type == "cuda":
-                rgba = rgba.pin_memory()
+        start = 0
+        for rgba in staged:
+            stop = start + len(rgba)
             maps = self.patch_token_maps(rgba)  # (B, D, n, n)
             grid, depth = project_to_grid(points, projection[start:stop])  # (B, N, 2), (B, N)
             weights = None
@@ -641,25 +685,39 @@ class FeatureExtractor:
                 else:
                     unweighted[:, lo:hi] += sampled.sum(0)
                     total[:, lo:hi] += (sampled * weights[:, None, lo:hi]).sum(0)
+            start = stop
+        unseen = None
         if seen is None:
             mean = total / num_views  # (D, N)
-            views_seen = None
-        else:
+        else:  # a voxel no view sees (enclosed, or hidden by the tolerance) takes the all-view mean
             unseen = seen == 0
-            if unseen.any():  # no view sees it (enclosed, or hidden by the tolerance): all views
-                logger.info("asset %s: %d of %d voxels seen by no view; they take the all-view mean",
-                            sha256, int(unseen.sum()), num_voxels)
             mean = torch.where(unseen, unweighted / num_views, total / seen.clamp(min=1))
-            views_seen = seen.int().cpu().numpy()
-        mean = mean.T.contiguous().cpu().numpy()  # (N, D) float32
+        return _DeviceResult(
+            mean=_to_host(mean.T.contiguous()),  # (N, D) float32
+            views_seen=None if seen is None else _to_host(seen.int()),
+            unseen=None if unseen is None else _to_host(unseen.sum()),
+            done=_recorded_event(self.device),
+        )
+
+    def _collect(self, asset: _PreparedAsset, result: "_DeviceResult") -> AssetFeatures:
+        """Wait for the asset's copies and build its features (the float16 cast on the CPU)."""
+        if result.done is not None:
+            result.done.synchronize()
+        mean = result.mean.numpy()
+        if result.unseen is not None and int(result.unseen):
+            logger.info("asset %s: %d of %d voxels seen by no view; they take the all-view mean",
+                        asset.job.sha256, int(result.unseen), len(mean))
         return AssetFeatures(
             indices=voxel_indices(asset.positions),
             patchtokens=mean.astype(np.float16),
             mean=mean,
-            num_views=num_views,
-            views_seen=views_seen,
+            num_views=len(asset.views),
+            views_seen=None if result.views_seen is None else result.views_seen.numpy(),
             random_weights=self.loaded.random_weights,
         )
+
+    def _extract_prepared(self, asset: _PreparedAsset) -> AssetFeatures:
+        return self._collect(asset, self._enqueue(asset, self._stage_views(asset)))
 
     def _stack_views(self, views: list[np.ndarray]) -> np.ndarray:
         """uint8 (B, H, H, 4); views of another size than the first are resized by PIL here."""
@@ -753,10 +811,11 @@ class FeatureExtractor:
         asset = None
         try:
             asset = self._prepare(job, self._decode_pool())
-            for image in asset.images:  # decoded before taking the device: it never waits on PNGs
-                image.result()
-            with self._device_lock, torch.inference_mode():
-                features = self._extract_prepared(asset)
+            staged = self._stage_views(asset)
+            with torch.inference_mode():
+                with self._device_lock:
+                    result = self._enqueue(asset, staged)
+                features = self._collect(asset, result)
         except AssetError as exc:
             if asset is not None:
                 asset.cancel()
@@ -783,7 +842,7 @@ class FeatureExtractor:
     def _finish(self, job: FeatureJob, features: AssetFeatures, started: float, keep: bool) -> FeatureOutcome:
         if job.output_path is not None:
             try:
-                write_features(job.output_path, features, visibility=self.settings.visibility)
+                write_features(job.output_path, features, self.settings.visibility, self.settings.deflate_level)
             except OSError as exc:
                 error = AssetError(job.sha256, f"cannot write {job.output_path}: {exc}", STAGE)
                 return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, error)
@@ -797,7 +856,9 @@ class FeatureExtractor:
 FEATURE_CONTRACT = {"indices": ("uint8", (None, 3)), "patchtokens": ("float16", (None, None))}
 
 
-def write_features(path: str | os.PathLike, features: AssetFeatures, visibility: bool = False) -> None:
+def write_features(
+    path: str | os.PathLike, features: AssetFeatures, visibility: bool = False, deflate_level: int | None = None
+) -> None:
     """Write the contract's npz (`indices`, `patchtokens`) plus provenance flags.
 
     `random_weights` and `visibility` are extra 0-d bool arrays; TRELLIS reads its two keys
@@ -811,7 +872,7 @@ def write_features(path: str | os.PathLike, features: AssetFeatures, visibility:
     }
     if features.views_seen is not None:
         arrays["views_seen"] = features.views_seen
-    save_npz_atomic(path, contract=FEATURE_CONTRACT, **arrays)
+    save_npz_atomic(path, contract=FEATURE_CONTRACT, compresslevel=deflate_level, **arrays)
 
 
 def extract_features(

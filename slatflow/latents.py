@@ -247,6 +247,12 @@ def voxel_occupancy(indices: np.ndarray, resolution: int = VOXEL_RESOLUTION) -> 
     return grid
 
 
+def _all_finite(array: np.ndarray) -> bool:
+    if array.dtype == np.float16:  # exponent bits all ones is inf or NaN; numpy's float16 isfinite is 4x slower
+        return bool(((array.view(np.uint16) & 0x7C00) != 0x7C00).all())
+    return bool(np.isfinite(array).all())
+
+
 def read_sparse_features(
     sha256: str, path: str | Path, in_channels: int, resolution: int = VOXEL_RESOLUTION
 ) -> SparseFeatures:
@@ -290,7 +296,7 @@ def read_sparse_features(
     linear = (indices.astype(np.int64) * [resolution * resolution, resolution, 1]).sum(axis=1)  # (N,)
     if len(np.unique(linear)) != len(linear):
         raise bad(f"{len(linear) - len(np.unique(linear))} repeated voxel indices")
-    if not np.isfinite(tokens).all():
+    if not _all_finite(tokens):
         raise bad("patchtokens contain NaN or inf")
     return SparseFeatures(sha256, indices.astype(np.uint8), tokens, random_weights)
 

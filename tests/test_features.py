@@ -249,6 +249,28 @@ def test_process_from_threads_writes_what_run_writes_and_a_bad_asset_fails_alone
     assert (tmp_path / "threads" / "provenance.json").is_file()
 
 
+def test_deflate_level_0_writes_the_same_arrays_stored_in_the_deflate_stream(tmp_path):
+    import zipfile
+
+    from slatflow.features import AssetFeatures, write_features
+
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((500, 64)).astype(np.float16)
+    features = AssetFeatures(rng.integers(0, 64, (500, 3)).astype(np.uint8), tokens, tokens.astype(np.float32), 4)
+    sizes = {}
+    for level in (0, 1):
+        path = tmp_path / f"level{level}.npz"
+        write_features(path, features, deflate_level=level)
+        with np.load(path) as npz:
+            np.testing.assert_array_equal(npz["patchtokens"], tokens)
+        with zipfile.ZipFile(path) as archive:
+            assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+        sizes[level] = path.stat().st_size
+    assert sizes[0] > tokens.nbytes > sizes[1]
+    with pytest.raises(ConfigError, match="deflate_level must be in 0..9"):
+        FeatureSettings(weights="random", deflate_level=10)
+
+
 @pytest.mark.parametrize("size", [224, 448, 518, 742])
 def test_position_embedding_interpolation_matches_dinov2(official_tiny, tiny_loaded, size):
     reference = reference_model(TINY_ARCH, official_tiny[0])

@@ -87,6 +87,29 @@ def test_an_npz_that_does_not_read_back_is_never_renamed_into_place(tmp_path, mo
     assert transient_cause(info.value) is not None, "a file that does not read back is the machine's"
 
 
+def test_an_npz_member_garbled_on_the_way_to_disk_is_never_renamed_into_place(tmp_path, monkeypatch):
+    import zlib
+
+    from slatflow.io import OutputCheckError
+
+    import slatflow.io
+
+    write_zip = slatflow.io._write_zip
+
+    def garbled(handle, members):  # each member's header says float32: a consistent zip, wrong contents
+        changed = []
+        for name, data, _, _ in members:
+            wrong = bytes(data).replace(b"'<f2'", b"'<f4'")
+            compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+            changed.append((name, memoryview(wrong), compressor.compress(wrong) + compressor.flush(), zlib.crc32(wrong)))
+        write_zip(handle, changed)
+
+    monkeypatch.setattr(slatflow.io, "_write_zip", garbled)
+    with pytest.raises(OutputCheckError, match="'patchtokens' reads back as float32"):
+        save_npz_atomic(tmp_path / "x.npz", patchtokens=np.zeros((4, 8), np.float16))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_points_ply_that_does_not_read_back_is_never_renamed_into_place(tmp_path, monkeypatch):
     import plyfile
 

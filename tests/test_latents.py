@@ -685,3 +685,11 @@ def test_official_architectures_encode_on_cpu(tmp_path):
     with np.load(ss_job.output) as ss, np.load(slat_job.output) as slat:
         assert ss["mean"].shape == (8, 16, 16, 16) and np.isfinite(ss["mean"]).all() and ss["mean"].std() > 0
         assert slat["feats"].shape == (2500, 8) and slat["feats"].std() > 0
+
+
+def test_float16_finiteness_check_agrees_with_numpy():
+    values = np.array([0.0, -0.0, 6e-8, -6e-8, 1.0, 65504.0, -65504.0, np.inf, -np.inf, np.nan], dtype=np.float16)
+    for value in values:
+        array = np.full((4, 3), 1.0, dtype=np.float16)
+        array[2, 1] = value
+        assert latents._all_finite(array) == bool(np.isfinite(array).all()), value

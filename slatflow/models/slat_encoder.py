@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slatflow.models.common import LayerNorm32, cast_torso
 
@@ -29,6 +30,11 @@ AttnMode = Literal["swin", "full"]
 # Upper bound on query x key scores one attention call may hold (float32: 256 MB), so that
 # CPU runs, whose SDPA may materialise the scores, stay in bounded memory at 32k voxels.
 MAX_SCORES_PER_CALL = 2**26
+
+# Every asset brings new window shapes, and cuDNN's attention builds a plan for each new
+# shape: ~1 s per forward on an H200 (bench/bench_pipeline_gpu.py's SLat streams) against
+# 40 ms for these kernels, which start at once.
+WINDOW_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # TRELLIS's transformer-block LayerNorms: no affine parameters, eps 1e-6.
 BLOCK_NORM_EPS = 1e-6
@@ -157,15 +163,16 @@ def windowed_attention(qkv: torch.Tensor, partition: WindowPartition) -> torch.T
     num, _, heads, head_channels = qkv.shape
     padded_qkv = torch.cat([qkv, qkv.new_zeros(1, 3, heads, head_channels)])  # (N + 1, 3, H, C)
     out = qkv.new_zeros(num + 1, heads, head_channels)  # row N collects padding, then dropped
-    for bucket in partition.buckets:
-        num_windows, length = bucket.rows.shape
-        step = max(1, MAX_SCORES_PER_CALL // (heads * length * length))
-        for first in range(0, num_windows, step):
-            rows = bucket.rows[first : first + step]  # (W, L)
-            q, k, v = padded_qkv[rows].permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (W, H, L, C)
-            mask = None if bucket.key_mask is None else bucket.key_mask[first : first + step]
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (W, H, L, C)
-            out[rows.reshape(-1)] = attended.transpose(1, 2).reshape(-1, heads, head_channels)
+    with sdpa_kernel(WINDOW_ATTENTION_BACKENDS):
+        for bucket in partition.buckets:
+            num_windows, length = bucket.rows.shape
+            step = max(1, MAX_SCORES_PER_CALL // (heads * length * length))
+            for first in range(0, num_windows, step):
+                rows = bucket.rows[first : first + step]  # (W, L)
+                q, k, v = padded_qkv[rows].permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (W, H, L, C)
+                mask = None if bucket.key_mask is None else bucket.key_mask[first : first + step]
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (W, H, L, C)
+                out[rows.reshape(-1)] = attended.transpose(1, 2).reshape(-1, heads, head_channels)
     return out[:num]
 
 
