@@ -116,7 +116,7 @@ class SlurmCluster:
             + "\n".join(
                 [
                     "ClusterName=slatflow",
-                    f"SlurmctldHost={self.host}",
+                    f"SlurmctldHost={self.host}(127.0.0.1)",  # no name lookup needed
                     f"SlurmctldPort={free_port()}",
                     f"SlurmdPort={free_port()}",
                     "SlurmUser=root",
@@ -145,7 +145,8 @@ class SlurmCluster:
                     "InactiveLimit=0",
                     "JobAcctGatherType=jobacct_gather/none",
                     "AccountingStorageType=accounting_storage/none",
-                    f"NodeName={self.host} CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} Gres=gpu:1 State=UNKNOWN",
+                    f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB}"
+                    " Gres=gpu:1 State=UNKNOWN",
                     f"PartitionName=cpu Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
                     f"PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP",
                     "",
