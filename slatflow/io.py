@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -99,15 +99,26 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
 
 
 # zlib level of the npz files' deflate streams (np.load reads any; np.savez_compressed
-# always uses 6). DINOv2's float16 features hardly compress (92% of raw at every level,
-# bench/bench_pipeline_gpu.py), so the cheapest level loses nothing.
+# always uses 6); the features stage stores its large float16 arrays at level 0
+# (`features.deflate_level`): stored deflate blocks framed around the array's own bytes.
 NPZ_DEFLATE_LEVEL = 1
 # Deflate chunks compressed in parallel: each is an independent stream ended by a sync
 # flush (byte-aligned, not final), so their concatenation is one valid deflate stream
 # (what pigz writes); zlib releases the GIL, so threads use the job's CPUs.
 _DEFLATE_CHUNK = 4 << 20
 _DEFLATE_THREADS = min(8, os.cpu_count() or 1)
+_STORED_BLOCK = 0xFFFF  # a stored deflate block's largest payload (RFC 1951 3.2.4: LEN is 16 bits)
 _ZIP32_LIMIT = 0xFFFFFFFF  # larger members (never seen for the stages' outputs) go through zipfile's zip64
+
+
+class _Member(NamedTuple):
+    """One npz member on its way to the archive: its .npy bytes and their deflate stream,
+    each as a list of buffers (the array's own memory, never copied into one bytes object)."""
+
+    name: str
+    raw: list  # of bytes-like: the .npy header, then the array's bytes
+    deflated: list  # of bytes-like: the raw deflate stream
+    crc: int
 
 
 def save_npz_atomic(
@@ -121,9 +132,11 @@ def save_npz_atomic(
     per array, ZIP_DEFLATED) at `compresslevel`, under a temporary name, read back and
     checked, then renamed (TRELLIS reads npz).
 
-    The members are deflated in parallel chunks, so the archive is written here, not by
-    `zipfile`, which compresses a member on one thread only (`tests/test_io.py` checks the
-    result with zipfile's CRC test and against np.savez_compressed's bytes).
+    The archive is written here, not by `zipfile`, which compresses a member on one thread
+    and copies it whole: members are deflated in parallel chunks (level >= 1) or framed as
+    stored deflate blocks around the array's memory (level 0), so a 40 MB feature file
+    costs no copy under the GIL (`tests/test_io.py` checks the result with zipfile's CRC
+    test and against np.savez_compressed's bytes).
 
     Args:
         contract: key -> (dtype, shape with None for a free dimension) of the arrays the
@@ -134,23 +147,114 @@ def save_npz_atomic(
         OutputCheckError: an array breaks the contract, or the file does not read back as
             written; nothing is left under `path`.
     """
-    import io as bytes_io
-
     level = NPZ_DEFLATE_LEVEL if compresslevel is None else compresslevel
     arrays = {key: np.asarray(value) for key, value in arrays.items()}
     _check_contract(path, arrays, contract or {})
-    members = []
-    for name, value in arrays.items():
-        buffer = bytes_io.BytesIO()
-        np.lib.format.write_array(buffer, np.asanyarray(value), allow_pickle=False)
-        members.append((f"{name}.npy", buffer.getbuffer()))
+    raws = {f"{name}.npy": _npy_parts(value) for name, value in arrays.items()}
+    sizes = {name: sum(len(part) for part in parts) for name, parts in raws.items()}
     with atomic_path(path, suffix=".npz") as tmp:
-        if any(len(data) >= _ZIP32_LIMIT for _, data in members):
-            _write_zip64_npz(tmp, members, level)
+        if any(size >= _ZIP32_LIMIT for size in sizes.values()):
+            _write_zip64_npz(tmp, raws, level)
         else:
             with open(tmp, "wb") as handle:
-                _write_zip(handle, [(name, data, *_parallel_deflate(data, level)) for name, data in members])
-        _check_npz_reads_back(tmp, path, {name: len(data) for name, data in members}, arrays)
+                _write_zip(handle, [_Member(name, parts, *_deflate(parts, level)) for name, parts in raws.items()])
+        _check_npz_reads_back(tmp, path, sizes, arrays)
+
+
+def _npy_parts(array: np.ndarray) -> list:
+    """The .npy file of `array` (what np.save writes) as [header, the array's bytes], no copy
+    of a C-contiguous array; any other layout goes through np.lib.format.write_array."""
+    import io as bytes_io
+
+    buffer = bytes_io.BytesIO()
+    if array.dtype.hasobject or not array.flags.c_contiguous:
+        np.lib.format.write_array(buffer, array, allow_pickle=False)
+        return [buffer.getbuffer()]
+    # version 1.0 is what write_array picks for any header under 64 KiB (all of ours)
+    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
+    return [buffer.getbuffer(), memoryview(array.reshape(-1).view(np.uint8))]
+
+
+def _deflate(parts: list, level: int) -> tuple[list, int]:
+    """(raw deflate stream of the concatenated `parts`, as buffers; its CRC-32)."""
+    import zlib
+
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)  # releases the GIL on large buffers
+    if level == 0:
+        return _stored_blocks(parts), crc
+    return _parallel_deflate(parts, level), crc
+
+
+def _stored_blocks(parts: list) -> list:
+    """Stored (uncompressed) deflate blocks framing `parts` in place: per block a byte-aligned
+    header (BFINAL 0, BTYPE 00), LEN and its complement, then the payload; an empty final
+    block ends the stream (RFC 1951 3.2.4). What zlib's level 0 writes, minus its copy."""
+    import struct
+
+    blocks = []
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), _STORED_BLOCK):
+            payload = view[start : start + _STORED_BLOCK]
+            blocks.append(struct.pack("<BHH", 0, len(payload), len(payload) ^ 0xFFFF))
+            blocks.append(payload)
+    blocks.append(struct.pack("<BHH", 1, 0, 0xFFFF))
+    return blocks
+
+
+def _parallel_deflate(parts: list, level: int) -> list:
+    """The raw deflate stream of the concatenated `parts`, compressed in chunks on threads."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [view[i : i + _DEFLATE_CHUNK] for view in (memoryview(p).cast("B") for p in parts)
+              for i in range(0, len(view), _DEFLATE_CHUNK)] or [memoryview(b"")]
+
+    def deflate(index: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+        last = index == len(chunks) - 1
+        return compressor.compress(chunks[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    if len(chunks) == 1:
+        return [deflate(0)]
+    with ThreadPoolExecutor(min(_DEFLATE_THREADS, len(chunks))) as pool:
+        return list(pool.map(deflate, range(len(chunks))))
+
+
+def _write_zip(handle, members: list[_Member]) -> None:
+    """A zip archive of deflated members (APPNOTE 4.3: local headers, central directory)."""
+    import struct
+    import time
+
+    now = time.localtime()
+    dos_time = (now.tm_hour << 11) | (now.tm_min << 5) | (now.tm_sec // 2)
+    dos_date = ((now.tm_year - 1980) << 9) | (now.tm_mon << 5) | now.tm_mday
+    central = []
+    for name, raw, deflated, crc in members:
+        encoded = name.encode()
+        offset = handle.tell()
+        raw_size, deflated_size = sum(len(p) for p in raw), sum(len(p) for p in deflated)
+        fields = (20, 0, 8, dos_time, dos_date, crc, deflated_size, raw_size, len(encoded), 0)
+        handle.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields) + encoded)
+        handle.writelines(deflated)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | 20, *fields[:-1], 0, 0, 0, 0,
+                                   0o644 << 16, offset) + encoded)
+    start = handle.tell()
+    directory = b"".join(central)
+    handle.write(directory)
+    handle.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), len(directory), start, 0))
+
+
+def _write_zip64_npz(tmp: Path, raws: Mapping[str, list], level: int) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for name, parts in raws.items():
+            with archive.open(name, "w", force_zip64=True) as member:
+                for part in parts:
+                    member.write(part)
 
 
 def _check_contract(path, arrays: Mapping[str, np.ndarray], contract: Mapping[str, ArrayContract]) -> None:
@@ -164,58 +268,6 @@ def _check_contract(path, arrays: Mapping[str, np.ndarray], contract: Mapping[st
             raise OutputCheckError(f"{path}: {key!r} is {array.dtype} {array.shape}, expected {dtype} {shape}")
         if array.size == 0:
             raise OutputCheckError(f"{path}: {key!r} is empty {array.shape}")
-
-
-def _parallel_deflate(data: memoryview, level: int) -> tuple[bytes, int]:
-    """(raw deflate stream of `data`, its CRC-32)."""
-    import zlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    chunks = [data[i : i + _DEFLATE_CHUNK] for i in range(0, len(data), _DEFLATE_CHUNK)] or [data]
-
-    def deflate(index: int) -> bytes:
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
-        last = index == len(chunks) - 1
-        return compressor.compress(chunks[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-
-    if len(chunks) == 1:
-        parts = [deflate(0)]
-    else:
-        with ThreadPoolExecutor(min(_DEFLATE_THREADS, len(chunks))) as pool:
-            parts = list(pool.map(deflate, range(len(chunks))))
-    return b"".join(parts), zlib.crc32(data)
-
-
-def _write_zip(handle, members: list[tuple[str, memoryview, bytes, int]]) -> None:
-    """A zip archive of deflated members (APPNOTE 4.3: local headers, central directory)."""
-    import struct
-    import time
-
-    now = time.localtime()
-    dos_time = (now.tm_hour << 11) | (now.tm_min << 5) | (now.tm_sec // 2)
-    dos_date = ((now.tm_year - 1980) << 9) | (now.tm_mon << 5) | now.tm_mday
-    central = []
-    for name, data, deflated, crc in members:
-        encoded = name.encode()
-        offset = handle.tell()
-        fields = (20, 0, 8, dos_time, dos_date, crc, len(deflated), len(data), len(encoded), 0)
-        handle.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields) + encoded)
-        handle.write(deflated)
-        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | 20, *fields[:-1], 0, 0, 0, 0,
-                                   0o644 << 16, offset) + encoded)
-    start = handle.tell()
-    directory = b"".join(central)
-    handle.write(directory)
-    handle.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), len(directory), start, 0))
-
-
-def _write_zip64_npz(tmp: Path, members: list[tuple[str, memoryview]], level: int) -> None:
-    import zipfile
-
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
-        for name, data in members:
-            with archive.open(name, "w", force_zip64=True) as member:
-                member.write(data)
 
 
 # what np.lib.format.write_array writes for the stages' arrays (3.0 only for non-latin field names)

@@ -98,10 +98,10 @@ def test_an_npz_member_garbled_on_the_way_to_disk_is_never_renamed_into_place(tm
 
     def garbled(handle, members):  # each member's header says float32: a consistent zip, wrong contents
         changed = []
-        for name, data, _, _ in members:
-            wrong = bytes(data).replace(b"'<f2'", b"'<f4'")
+        for name, raw, _, _ in members:
+            wrong = b"".join(bytes(part) for part in raw).replace(b"'<f2'", b"'<f4'")
             compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
-            changed.append((name, memoryview(wrong), compressor.compress(wrong) + compressor.flush(), zlib.crc32(wrong)))
+            changed.append((name, [wrong], [compressor.compress(wrong) + compressor.flush()], zlib.crc32(wrong)))
         write_zip(handle, changed)
 
     monkeypatch.setattr(slatflow.io, "_write_zip", garbled)
@@ -164,7 +164,7 @@ def test_a_reader_names_the_upstream_file_and_its_stage(tmp_path):
         assert f"{path} (written by the {stage} stage)" in info.value.reason
 
 
-@pytest.mark.parametrize("level, rows", [(1, 500), (6, 500), (1, 300_000)])  # 300k rows: several chunks
+@pytest.mark.parametrize("level, rows", [(0, 500), (0, 300_000), (1, 500), (6, 500), (1, 300_000)])  # 300k rows: several chunks, stored blocks
 def test_npz_holds_what_savez_compressed_holds_deflated_at_the_level(tmp_path, level, rows):
     import zipfile
 
@@ -192,3 +192,30 @@ def test_a_member_over_4_gib_goes_through_zipfiles_zip64(tmp_path, monkeypatch):
     save_npz_atomic(tmp_path / "x.npz", big=big, small=np.uint8(3))
     with np.load(tmp_path / "x.npz") as loaded:
         assert np.array_equal(loaded["big"], big) and loaded["small"] == 3
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_npz_of_fortran_order_strided_and_0d_arrays_reads_back_as_numpy_writes_them(tmp_path, level):
+    import zipfile
+
+    base = np.arange(60, dtype=np.float32).reshape(6, 10)
+    arrays = {"fortran": np.asfortranarray(base), "strided": base[:, ::3], "scalar": np.float64(2.5),
+              "empty_row": np.zeros((0, 4), np.int16)}
+    save_npz_atomic(tmp_path / "ours.npz", compresslevel=level, **arrays)
+    np.savez(tmp_path / "numpy.npz", **arrays)
+    with zipfile.ZipFile(tmp_path / "ours.npz") as ours, zipfile.ZipFile(tmp_path / "numpy.npz") as reference:
+        assert ours.testzip() is None
+        for name in ours.namelist():
+            assert ours.read(name) == reference.read(name)
+
+
+def test_level_0_stores_the_arrays_in_the_deflate_stream(tmp_path):
+    import zipfile
+
+    tokens = np.random.default_rng(0).standard_normal((70_000, 8)).astype(np.float16)  # > 1 MB: many stored blocks
+    save_npz_atomic(tmp_path / "x.npz", compresslevel=0, patchtokens=tokens)
+    with zipfile.ZipFile(tmp_path / "x.npz") as archive:
+        [info] = archive.infolist()
+        assert info.compress_type == zipfile.ZIP_DEFLATED
+        blocks = info.file_size // 0xFFFF + 3  # the header, the array in full blocks and its tail, the end
+        assert 0 < info.compress_size - info.file_size <= 5 * blocks  # 5 bytes a block
