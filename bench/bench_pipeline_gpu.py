@@ -155,6 +155,10 @@ def compile_step(extractor: FeatureExtractor, views_u8: torch.Tensor, args, repo
         seconds = median_seconds(run, device)
         report["model_steps"].append({"step": f"fused + torch.compile, {backend}, batch {args.batch_size}",
                                       "batch": args.batch_size, "s": seconds, "tflops": flops / seconds})
+        compiled.cuda_graph = True  # the same compiled forward, replayed as one CUDA graph per batch
+        seconds = median_seconds(run, device)
+        report["model_steps"].append({"step": f"fused + torch.compile + CUDA graph, {backend}, batch {args.batch_size}",
+                                      "batch": args.batch_size, "s": seconds, "tflops": flops / seconds})
     except Exception as exc:  # noqa: BLE001 - an optional step
         report["model_steps"].append({"step": "torch.compile", "error": f"{type(exc).__name__}: {exc}"[:300]})
 
@@ -346,9 +350,9 @@ def main() -> None:
     parser.add_argument("--trellis-assets", type=int, default=2, help="TRELLIS's loop: the first is a warm-up")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd model-only")
     parser.add_argument("--quick", action="store_true", help="model only: the before and default rows; no TRELLIS")
-    parser.add_argument("--variants", type=lambda v: tuple(map(int, v.split(","))), nargs="*",
-                        default=[(8, 1), (4, 0), (8, 0)],
-                        help="features streams with other worker settings: AT_ONCE,LEVEL each")
+    parser.add_argument("--variants", type=lambda v: (tuple(map(int, v.split(","))) + (1,))[:3], nargs="*",
+                        default=[(4, 1, 1), (4, 0, 0), (8, 0, 1)],
+                        help="features streams with other worker settings: AT_ONCE,LEVEL[,CUDA_GRAPH] each")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "pipeline_gpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the workers' per-asset random-weights warnings stay out
@@ -372,6 +376,7 @@ def main() -> None:
     settings = FeatureSettings(batch_size=args.batch_size, **base)
     extractor = FeatureExtractor(settings, loaded)
     report["defaults"] = {"batch_size": settings.batch_size, "attention": settings.attention, "compile": settings.compile,
+                          "cuda_graph": settings.cuda_graph,
                           "npz_level": settings.deflate_level, "decode_workers": args.decode_workers}
     image_size = settings.image_size
     report["tflop_per_asset"] = vit_flops(arch, image_size) * args.views / 1e12
@@ -414,14 +419,20 @@ def main() -> None:
     streams["features"] = feature_worker.stream(feature_requests(stream_jobs, args.out / "f"), args.clients, device)
     streams["features_profiled"] = feature_worker.stream(
         feature_requests(stream_jobs, args.out / "f_prof"), args.clients, device, profile=True)
-    for at_once, level in args.variants:  # the worker's requests at once and the npz level, swept
+    for at_once, level, graph in args.variants:  # requests at once, npz level, CUDA graph: swept
         handler = features.request_handler(extractor)
         handler.concurrency = at_once
-        variant = WorkerInProcess(service, handler, {"variant": f"{at_once}-{level}"}, args.out)
+        variant = WorkerInProcess(service, handler, {"variant": f"{at_once}-{level}-{graph}"}, args.out)
         default_settings, extractor.settings = extractor.settings, replace(extractor.settings, deflate_level=level)
-        streams[f"features_{at_once}_at_once_level_{level}"] = variant.stream(
-            feature_requests(stream_jobs, args.out / f"f_{at_once}_{level}"), args.clients, device)
+        default_graph = extractor.fused.cuda_graph if extractor.fused is not None else False
+        if extractor.fused is not None:
+            extractor.fused.cuda_graph = bool(graph)
+        name = f"features_{at_once}_at_once_level_{level}" + ("" if graph else "_no_graph")
+        streams[name] = variant.stream(
+            feature_requests(stream_jobs, args.out / f"f_{at_once}_{level}_{graph}"), args.clients, device, profile=True)
         extractor.settings = default_settings
+        if extractor.fused is not None:
+            extractor.fused.cuda_graph = default_graph
     for name in ("features_serial", "features"):
         print(f"  {name}: {streams[name]['ms_per_asset']:.0f} ms/asset", flush=True)
 

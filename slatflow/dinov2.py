@@ -385,6 +385,11 @@ def _layer_tensor(state: Mapping[str, "torch.Tensor"], hub_name: str) -> "torch.
     return state[hub_name]
 
 
+# Batch shapes with a captured CUDA graph per FusedDinov2 (each holds its activations,
+# ~1.5 GB at 30 views of 518^2): an asset's views come in equal batches, so one or two.
+MAX_CUDA_GRAPHS = 4
+
+
 class FusedDinov2:
     """DINOv2's `x_prenorm` forward for inference, rebuilt from a transformers model's weights.
 
@@ -401,12 +406,19 @@ class FusedDinov2:
         dtype: the matmuls' dtype (torch.bfloat16 on a GPU; float32 gives the reference).
         attention: one of ATTENTION_BACKENDS.
         compile: `torch.compile` the block function (one graph shared by all blocks).
+        cuda_graph: on CUDA, capture the whole forward of each batch shape as a CUDA graph
+            (at most MAX_CUDA_GRAPHS shapes) and replay it: one launch instead of ~300, so
+            the calling thread neither waits on a full launch queue holding the GIL nor
+            stalls the threads that decode and write other assets.
     """
 
-    def __init__(self, model, dtype: "torch.dtype", attention: str = "auto", compile: bool = False):
+    def __init__(self, model, dtype: "torch.dtype", attention: str = "auto", compile: bool = False,
+                 cuda_graph: bool = False):
         import torch
 
         self.model = model
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple, tuple] = {}  # (shape, dtype, device) -> (graph, static input, static output)
         self.dtype = dtype
         self.backends = _sdpa_backends(attention)
         config = model.config
@@ -450,7 +462,49 @@ class FusedDinov2:
         return self
 
     def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
-        """As `prenorm_patch_tokens`: float (B, 3, S, S) -> (B, D, S/p, S/p), in float32."""
+        """As `prenorm_patch_tokens`: float (B, 3, S, S) -> (B, D, S/p, S/p), in float32.
+
+        Not thread-safe with `cuda_graph` (callers hold the device, as the extractor does)."""
+        if self.cuda_graph and pixels.is_cuda:
+            graphed = self._graph_for(pixels)
+            if graphed is not None:
+                graph, static_in, static_out = graphed
+                static_in.copy_(pixels)
+                graph.replay()
+                return static_out.clone()  # the next replay overwrites static_out; a clone costs ~0.1 ms
+        return self._forward(pixels)
+
+    def _graph_for(self, pixels: "torch.Tensor"):
+        """The captured forward for pixels' shape, captured now if new (None: run eagerly)."""
+        import torch
+
+        key = (tuple(pixels.shape), pixels.dtype, pixels.device)
+        if key in self._graphs:
+            return self._graphs[key]
+        if len(self._graphs) >= MAX_CUDA_GRAPHS:
+            return None
+        static_in = pixels.clone()
+        try:
+            side = torch.cuda.Stream(pixels.device)
+            side.wait_stream(torch.cuda.current_stream(pixels.device))
+            with torch.cuda.stream(side):  # warm-up: compiles, and lets cuBLAS/cuDNN allocate, outside the capture
+                for _ in range(2):
+                    self._forward(static_in)
+            torch.cuda.current_stream(pixels.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (decoding, pinning, copying other assets) stay free meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self._forward(static_in)
+        except Exception as exc:  # noqa: BLE001 - a capture the build refuses: run eagerly from now on
+            logger.warning("CUDA graph capture failed (%s: %s); the model runs without graphs",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.cuda_graph = False
+            torch.cuda.synchronize(pixels.device)
+            return None
+        self._graphs[key] = (graph, static_in, static_out)
+        return self._graphs[key]
+
+    def _forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
         import contextlib
 
         import torch

@@ -110,7 +110,8 @@ class FeatureSettings:
         seed: the random initialisation's seed (weights `random` only).
         attention: the SDPA backend of the bf16 model (`slatflow.dinov2.ATTENTION_BACKENDS`).
         compile: `torch.compile` the bf16 model's block (a one-off cost per model worker).
-        deflate_level: zlib level of the npz files (0 stores the deflate stream uncompressed).
+        cuda_graph: replay the bf16 model's forward as a CUDA graph per batch shape.
+        deflate_level: zlib level of the npz files (0 stores the arrays in stored deflate blocks).
     """
 
     model: str = "dinov2_vitl14_reg"
@@ -126,7 +127,8 @@ class FeatureSettings:
     seed: int = 0
     attention: str = "auto"
     compile: bool = True
-    deflate_level: int = 1
+    cuda_graph: bool = True
+    deflate_level: int = 0
 
     def __post_init__(self):
         arch = resolve_arch(self.model)
