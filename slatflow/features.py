@@ -276,17 +276,30 @@ def _pil_lanczos_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     return first, weights
 
 
+_DEVICE_TAPS: dict = {}  # (in, out, device) -> the taps on the device
+
+
+def _device_taps(in_size: int, out_size: int, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """`_pil_lanczos_taps` on `device`, copied once: a copy from pageable memory per batch
+    would make the launching thread wait for the device's queue to drain."""
+    import torch
+
+    key = (in_size, out_size, str(device))
+    if key not in _DEVICE_TAPS:
+        first, weights = _pil_lanczos_taps(in_size, out_size)
+        _DEVICE_TAPS[key] = (torch.from_numpy(first).to(device), torch.from_numpy(weights).to(device, torch.int32))
+    return _DEVICE_TAPS[key]
+
+
 def _pil_resample_axis(image: "torch.Tensor", axis: int, out_size: int) -> "torch.Tensor":
     """One pass of PIL's 8-bit resampling along `axis` of an int32 image."""
     import torch
 
-    first, weights = _pil_lanczos_taps(image.shape[axis], out_size)
-    first_t = torch.from_numpy(first).to(image.device)
-    weights_t = torch.from_numpy(weights).to(image.device, torch.int32)
+    first_t, weights_t = _device_taps(image.shape[axis], out_size, image.device)  # (out,), (out, K)
     shape = [1] * image.ndim
     shape[axis] = out_size
     acc = torch.full((), 1 << (_PIL_PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
-    for tap in range(weights.shape[1]):
+    for tap in range(weights_t.shape[1]):
         index = (first_t + tap).clamp(max=image.shape[axis] - 1)  # past-the-end taps weigh 0
         acc = acc + image.index_select(axis, index) * weights_t[:, tap].view(shape)
     return (acc >> _PIL_PRECISION_BITS).clamp(0, 255)  # int32 sums fit: |sum| < 2^31 by design
@@ -554,6 +567,12 @@ def _to_host(tensor: "torch.Tensor") -> "torch.Tensor":
     return host.copy_(tensor, non_blocking=True)
 
 
+def _to_device(tensor: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _recorded_event(device: "torch.device") -> "torch.cuda.Event | None":
     import torch
 
@@ -657,8 +676,10 @@ class FeatureExtractor:
         import torch
         import torch.nn.functional as F
 
-        points = torch.from_numpy(asset.positions).to(self.device)  # (N, 3)
-        projection = torch.from_numpy(asset.projection).to(self.device, torch.float32)  # (V, 3, 4)
+        # from pinned memory without waiting: a pageable copy would wait for the previous
+        # asset's work to finish before this one's could queue behind it
+        points = _to_device(torch.from_numpy(asset.positions), self.device)  # (N, 3)
+        projection = _to_device(torch.from_numpy(asset.projection.astype(np.float32)), self.device)  # (V, 3, 4)
         num_views, num_voxels = len(asset.views), len(points)
         depth_maps = None
         if asset.mesh is not None:

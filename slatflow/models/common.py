@@ -29,10 +29,11 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype, returned in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight is None:
             # CUDA's kernel reads half, normalizes in float32 and rounds once: the same math
-            # without the two casting passes (a third of the SS and SLat torsos' kernel time)
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            # without the two casting passes (SLat's block norms; an affine norm's float32
+            # parameters need float32 input, so the SS encoder's keep the casts)
+            return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         return super().forward(x.float()).to(x.dtype)
 
 
