@@ -174,7 +174,7 @@ class WorkerInProcess:
     def __init__(self, service: str, handler, settings: dict, root: Path):
         self.spec = worker.WorkerSpec(service, settings)
         self.settings = worker.WorkerSettings(socket_dir=tempfile.mkdtemp(prefix="sfb", dir="/tmp"),
-                                              request_timeout_s=600)
+                                              request_timeout_s=120)  # a retired worker fails the run soon
         self.log_dir = root / "logs"
         path = Path(self.settings.socket_dir) / f"{self.spec.key()}.sock"
         original = worker.make_handler
@@ -209,6 +209,7 @@ class WorkerInProcess:
         if profiler is not None:
             profiler.__exit__(None, None, None)
             row["gpu_busy"] = busy_fraction(profiler, wall)
+        print(f"  stream {self.spec.service} {self.spec.settings}: {row}", flush=True)  # as it comes: a killed run keeps its rows
         return row
 
 
@@ -398,9 +399,12 @@ def main() -> None:
     [exact] = fp32.run([jobs[0]], keep_features=True)
     cos = cosine(ours.features.patchtokens.astype(np.float32), exact.features.mean)
     report["cosine_vs_fp32"] = {"min": float(cos.min()), "median": float(np.median(cos))}
+    print(f"  cosine vs fp32: {report['cosine_vs_fp32']}", flush=True)
     del fp32
     npz_levels({"indices": ours.features.indices, "patchtokens": ours.features.patchtokens}, args.out, report)
     decode_timing(jobs[0].render_dir, args.decode_workers, report)
+    print(f"  npz {report['npz_levels']}, savez_compressed {report['npz_savez_compressed_s']:.3f} s, "
+          f"decode 1 thread {report['decode_1_thread_s']:.3f} s, pool {report['decode_pool_s']:.3f} s", flush=True)
 
     # features streams through the worker
     streams = report["streams"] = {}
@@ -478,6 +482,8 @@ def main() -> None:
     latent_model_only(slat_placed, "slat", big_inputs[:1], report, "slat_model_only_1")
     ss_inputs = [surface_voxels(20000, seed=i) for i in range(latents.SS_BATCH[device.type])]
     latent_model_only(ss_placed, "ss", ss_inputs, report, "ss_model_only")
+    print(f"  model only: slat {report['slat_model_only']}, slat alone {report['slat_model_only_1']}, "
+          f"ss {report['ss_model_only']}", flush=True)
 
     if args.quick:
         report["trellis_s_per_asset"] = report["ratio_trellis_to_stream"] = float("nan")
