@@ -437,11 +437,6 @@ def main() -> None:
         extractor.settings = default_settings
         if extractor.fused is not None:
             extractor.fused.cuda_graph = default_graph
-    switch = sys.getswitchinterval()  # the worker's (slatflow.worker.WORKER_SWITCH_INTERVAL_S)
-    sys.setswitchinterval(0.005)  # CPython's default, as before
-    streams["features_switch_5ms"] = feature_worker.stream(
-        feature_requests(stream_jobs, args.out / "f_switch"), args.clients, device, profile=True)
-    sys.setswitchinterval(switch)
     for name in ("features_serial", "features"):
         print(f"  {name}: {streams[name]['ms_per_asset']:.0f} ms/asset", flush=True)
 

@@ -47,9 +47,6 @@ from slatflow.logs import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
 
-# Python's thread switch interval in a worker serving requests at once (CPython's default 5 ms).
-WORKER_SWITCH_INTERVAL_S = 0.0005
-
 SERVICES = {
     "features": "slatflow.features:worker_service",
     "ss_latent": "slatflow.latents:ss_worker_service",
@@ -306,11 +303,6 @@ def serve(spec: WorkerSpec, path: Path, idle_timeout: float) -> None:
     own_socket = os.stat(path).st_ino
     server.settimeout(idle_timeout)
     concurrency = max(1, int(getattr(handler, "concurrency", 1)))
-    if concurrency > 1:
-        # A thread that releases Python's lock around a GPU call waits up to the switch
-        # interval (5 ms) to get it back from a busy one; the thread feeding the GPU makes
-        # ~100 such calls per asset while others decode and write, so hand it over sooner.
-        sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     logger.info("%s worker ready on %s (pid %d, %d request(s) at once)", spec.service, path, os.getpid(), concurrency)
     free = threading.Semaphore(concurrency)  # accept only while a request slot is free
     healthy = threading.Event()
