@@ -385,8 +385,9 @@ def _layer_tensor(state: Mapping[str, "torch.Tensor"], hub_name: str) -> "torch.
     return state[hub_name]
 
 
-# Batch shapes with a captured CUDA graph per FusedDinov2 (each holds its activations,
-# ~1.5 GB at 30 views of 518^2): an asset's views come in equal batches, so one or two.
+# Batch shapes with a captured CUDA graph per FusedDinov2 (each keeps its activations in a
+# private pool: about 1-2 GB at 30 views of 518^2 by the tensors' sizes); an asset's views
+# come in equal batches, so a stream of like assets needs one.
 MAX_CUDA_GRAPHS = 4
 
 

@@ -373,8 +373,9 @@ class SLatEncoder(nn.Module):
         """
         h = self.input_layer(feats) + self.pos_embedder(coords[:, 1:])  # (N, model_channels)
         h = h.to(self.torso_dtype)
-        # flash attention's variable-length kernel where it runs (fp16/bf16 on a GPU): 24%
-        # fewer attention-side kernels' time than padded buckets through SDPA on an H200
+        # flash attention's variable-length kernel where it runs (fp16/bf16 on a GPU): its
+        # kernels took 8.5 ms against 11.1 for the padded buckets' SDPA per 4 x 32k-voxel
+        # forward on an H200 (bench/probe_gpu_stages.py), with no padding gathers or masks
         packed = bool(self.blocks) and packed_attention_available(h, h.shape[-1] // self.blocks[0].attn.num_heads)
         partitions: dict[tuple[int | None, int], WindowPartition] = {}
         for block in self.blocks:
