@@ -6,6 +6,7 @@ import os
 from slatflow.ingest import select_assets
 from slatflow.manifest import ManifestRows
 from slatflow.metadata import refresh_output_state
+from slatflow.stages import RASTER_RULE_SUFFIX, STAGE_BY_TARGET, upstream_targets
 from slatflow.workflow import RUN_PROCESS_ENV, run_process_identity
 
 OUT = os.path.normpath(config["output_dir"])
@@ -35,12 +36,15 @@ StageTarget = collections.namedtuple("StageTarget", "patterns in_all after")
 STAGE_TARGETS = {}
 
 
-def register_stage_target(name, *patterns, in_all=True, after=()):
+def register_stage_target(name, *patterns):
     """A target of per-asset outputs (patterns with {sha256}, or functions of a list of
-    sha256s returning one file each);
-    `after` names the targets whose outputs it is built from (see get_metadata_inputs).
+    sha256s returning one file each); whether `all` has it, and the targets its outputs are
+    built from (`after`, see get_metadata_inputs), are the stage table's (slatflow.stages).
     """
-    STAGE_TARGETS[name] = StageTarget(patterns, in_all, tuple(after))
+    stage = STAGE_BY_TARGET[name]
+    STAGE_TARGETS[name] = StageTarget(
+        patterns, stage.in_all_for(config), upstream_targets(stage)
+    )
 
 
 def target_files(target, sha256s):
@@ -241,7 +245,7 @@ RENDER_GPU_SLOT = GPU_SLOTS * int(
     or (RENDER.engine == "CYCLES" and RENDER.device != "CPU")
 )
 # The raster engine's rules have names of their own, so profiles/slurm can send them to GPUs.
-RENDER_RULE_SUFFIX = "_raster" if RENDER.engine == "RASTER" else ""
+RENDER_RULE_SUFFIX = RASTER_RULE_SUFFIX if RENDER.engine == "RASTER" else ""
 
 
 def render_params():

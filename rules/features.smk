@@ -3,11 +3,7 @@
 # the logic in slatflow/features.py.
 
 
-register_stage_target(
-    "features",
-    out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"),
-    after=["renders", "voxels"],
-)
+register_stage_target("features", out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"))
 
 
 rule extract_features:

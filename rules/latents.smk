@@ -2,15 +2,9 @@
 # Names and helpers are in rules/common.smk (--- latents); the logic in slatflow/latents.py.
 
 
-register_stage_target(
-    "ss_latents", out(f"ss_latents/{SS_LATENT_NAME}/{{sha256}}.npz"), after=["voxels"]
-)
-register_stage_target(
-    "latents", out(f"latents/{SLAT_LATENT_NAME}/{{sha256}}.npz"), after=["features"]
-)
-register_stage_target(
-    "latent_stats", out(f"latents/{SLAT_LATENT_NAME}/stats.json"), after=["latents"]
-)
+register_stage_target("ss_latents", out(f"ss_latents/{SS_LATENT_NAME}/{{sha256}}.npz"))
+register_stage_target("latents", out(f"latents/{SLAT_LATENT_NAME}/{{sha256}}.npz"))
+register_stage_target("latent_stats", out(f"latents/{SLAT_LATENT_NAME}/stats.json"))
 
 
 rule encode_ss_latent:

@@ -2,15 +2,8 @@
 # Settings and helpers are in rules/common.smk (--- render); the logic in slatflow/render.py.
 
 
-register_stage_target(
-    "renders", out("renders/{sha256}/transforms.json"), after=["downloads"]
-)
-register_stage_target(
-    "renders_cond",
-    out("renders_cond/{sha256}/transforms.json"),
-    in_all=False,
-    after=["downloads"],
-)
+register_stage_target("renders", out("renders/{sha256}/transforms.json"))
+register_stage_target("renders_cond", out("renders_cond/{sha256}/transforms.json"))
 
 
 rule render_views:

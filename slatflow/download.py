@@ -20,6 +20,7 @@ from typing import Sequence
 from slatflow.errors import AccessDenied, AssetError, ConfigError, DownloadError, HashMismatch
 from slatflow.ingest import sha256_of_file
 from slatflow.io import file_lock, write_json_atomic
+from slatflow.stages import DOWNLOAD
 from slatflow.trellis500k import (
     ABO,
     ABO_MEMBER_PREFIX,
@@ -40,7 +41,7 @@ from slatflow.trellis500k import (
 
 logger = logging.getLogger(__name__)
 
-STAGE = "download"
+STAGE = DOWNLOAD.name
 ABO_STAGING = "raw/ABO/.staged"
 
 

@@ -49,13 +49,14 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32
+from slatflow.stages import FEATURES
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-STAGE = "features"
+STAGE = FEATURES.name
 GRID_RESOLUTION = 64  # voxel grid side; voxel centres are (i + 0.5) / 64 - 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

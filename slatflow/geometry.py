@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 
+from slatflow.stages import MESHES, QUALITY
+
 logger = logging.getLogger(__name__)
 
 # Which side of the threshold is the object: "below" for signed distances (negative inside),
@@ -654,13 +656,13 @@ def extract_mesh_asset(
 
     vertices, faces = read_mesh_ply(mesh_path, sha256)
     if not np.isfinite(vertices).all():
-        raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", "meshes")
+        raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", MESHES.name)
     mesh = watertight_mesh(vertices, faces, resolution=resolution, method=method)
     if len(mesh.faces) == 0:
         raise AssetError(
             sha256,
             f"mesh {mesh_path} encloses no volume at {resolution}^3 (flat or open everywhere?)",
-            "meshes",
+            MESHES.name,
         )
     write_mesh_ply(out_path, mesh)
     logger.info(
@@ -791,7 +793,7 @@ def check_quality_asset(
                 checked, reference, settings.num_samples, settings.fscore_threshold, rng
             )
         except ValueError as exc:
-            raise AssetError(sha256, f"{name}: {exc}", "quality") from exc
+            raise AssetError(sha256, f"{name}: {exc}", QUALITY.name) from exc
         seconds[name] = time.perf_counter() - start
         return metrics._asdict()
 
@@ -801,13 +803,13 @@ def check_quality_asset(
         try:
             centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
         except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
-            raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", "quality") from exc
+            raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", QUALITY.name) from exc
         indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
         if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
             raise AssetError(
                 sha256,
                 f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
-                "quality",
+                QUALITY.name,
             )
         record["num_voxels"] = int(len(indices))
         start = time.perf_counter()

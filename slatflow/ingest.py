@@ -24,10 +24,11 @@ import pandas as pd
 
 from slatflow.errors import ConfigError
 from slatflow.quarantine import clear_failure, record_failure
+from slatflow.stages import INGEST
 
 logger = logging.getLogger(__name__)
 
-STAGE = "ingest"
+STAGE = INGEST.name
 
 # Formats the render stage imports; every other file is a companion (textures, .bin, .mtl)
 # or not part of any asset.

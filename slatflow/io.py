@@ -18,11 +18,10 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from slatflow.stages import stage_of_folder
+
 # output folder under OUT -> the stage that writes it (named when a later stage cannot read it)
-STAGE_OF_FOLDER = {
-    "renders": "render", "renders_cond": "render_cond", "voxels": "voxelize", "features": "features",
-    "ss_latents": "ss_latent", "latents": "slat_latent", "meshes": "meshes", "sdf": "sdf", "quality": "quality",
-}  # fmt: skip
+STAGE_OF_FOLDER = stage_of_folder()
 
 # An array's contract: its dtype and shape, None for a free dimension.
 ArrayContract = tuple[str, tuple[int | None, ...]]

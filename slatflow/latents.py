@@ -38,6 +38,7 @@ from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests 
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
 from slatflow.models.names import DEFAULT_SPECS, RANDOM_SPEC, EncoderKind, encoder_name, random_config
 from slatflow.quarantine import record_failure
+from slatflow.stages import LATENT_STATS, SLAT_LATENT, SS_LATENT
 
 if TYPE_CHECKING:
     import torch
@@ -48,9 +49,9 @@ Device = Literal["auto", "cpu", "cuda"]
 # "auto": TRELLIS's numerics, the fp16 torso on GPU for `use_fp16` checkpoints, fp32 on CPU.
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
-SS_STAGE = "ss_latent"
-SLAT_STAGE = "slat_latent"
-STATS_STAGE = "latent_stats"
+SS_STAGE = SS_LATENT.name
+SLAT_STAGE = SLAT_LATENT.name
+STATS_STAGE = LATENT_STATS.name
 
 # TRELLIS's voxel grid side: voxel centres are (i + 0.5) / 64 - 0.5.
 VOXEL_RESOLUTION = 64

@@ -35,12 +35,13 @@ import numpy as np
 from slatflow import blender_render
 from slatflow.cameras import camera_offset, sphere_hammersley_sequence
 from slatflow.errors import AssetError, ConfigError
+from slatflow.stages import RENDER, RENDER_COND
 
 logger = logging.getLogger(__name__)
 blender_logger = logging.getLogger("slatflow.blender")
 
-STAGE = "render"
-COND_STAGE = "render_cond"
+STAGE = RENDER.name
+COND_STAGE = RENDER_COND.name
 
 # file extension (lower case, no dot) -> format name understood by blender_render
 SUPPORTED_FORMATS = {

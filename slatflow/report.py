@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from slatflow.quality import QUALITY_COLUMNS
+from slatflow.stages import STAGES, stage_of_column
 
 logger = logging.getLogger(__name__)
 
@@ -265,21 +266,18 @@ def _stage_counts(metadata, out_dir: Path, failures) -> list[tuple[str, int, int
     for failure in failures:
         failed[failure.stage] = failed.get(failure.stage, 0) + 1
     rows = []
-    stage_of = {"rendered": "render", "cond_rendered": "render_cond", "voxelized": "voxelize"}
-    prefixes = {"feature_": "features", "ss_latent_": "ss_latent", "latent_": "slat_latent"}
     for column in metadata.columns:
         if metadata[column].dtype != bool or column.endswith("_random_weights"):
             continue
-        stage = stage_of.get(column) or next((s for p, s in prefixes.items() if column.startswith(p)), column)
+        stage = stage_of_column(column) or column
         rows.append((column, int(metadata[column].sum()), failed.pop(stage, 0)))
-    for folder, suffix, stage in (
-        ("meshes", ".ply", "meshes"),
-        ("sdf", ".npz", "sdf"),
-        ("quality", ".json", "quality"),
-    ):
-        path = out_dir / folder
-        done = sum(1 for e in os.scandir(path) if e.name.endswith(suffix)) if path.is_dir() else 0
-        rows.append((folder, done, failed.pop(stage, 0)))
+    # the per-asset folders of the stages without a metadata column (meshes, sdf, quality)
+    for stage in STAGES:
+        if stage.columns or not (stage.folder and stage.suffix) or "/" in stage.suffix:
+            continue
+        path = out_dir / stage.folder
+        done = sum(1 for e in os.scandir(path) if e.name.endswith(stage.suffix)) if path.is_dir() else 0
+        rows.append((stage.folder, done, failed.pop(stage.name, 0)))
     rows.extend((f"({stage})", 0, count) for stage, count in sorted(failed.items()))
     return rows
 

@@ -38,10 +38,11 @@ import numba
 import numpy as np
 
 from slatflow.errors import AssetError
+from slatflow.stages import VOXELIZE
 
 logger = logging.getLogger(__name__)
 
-STAGE = "voxelize"
+STAGE = VOXELIZE.name
 DEFAULT_RESOLUTION = 64  # TRELLIS's sparse-structure grid
 # TRELLIS clamps mesh vertices this far inside [-0.5, 0.5]^3 so that no voxel index
 # leaves [0, resolution); slatflow applies the same clamp to get the same voxels.
