@@ -233,20 +233,6 @@ def fetch_asset(
     return dest
 
 
-def download_assets(
-    sources: Sequence[AssetSource], dests: Sequence[str | os.PathLike], settings: DownloadSettings, out_dir: str | os.PathLike
-) -> dict[str, AssetError]:
-    """Fetch many assets; one that fails never stops the others. Returns sha256 -> its error."""
-    failures = {}
-    for source, dest in zip(sources, dests, strict=True):
-        try:
-            fetch_asset(source, dest, settings, out_dir)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            failures[source.sha256] = exc
-    return failures
-
-
 def run_abo_archive_pass(
     sources: Sequence[AssetSource], settings: DownloadSettings, out_dir: str | os.PathLike, record_path: str | os.PathLike
 ) -> dict:

@@ -876,17 +876,6 @@ def write_features(
     save_npz_atomic(path, contract=FEATURE_CONTRACT, compresslevel=deflate_level, **arrays)
 
 
-def extract_features(
-    jobs: Iterable[FeatureJob], settings: FeatureSettings, loaded: LoadedDinov2 | None = None
-) -> list[FeatureOutcome]:
-    """Load the model once and write `features/<name>/<sha256>.npz` for each job.
-
-    Returns:
-        One outcome per job; a bad asset has its `AssetError` there, the others are written.
-    """
-    return FeatureExtractor(settings, loaded).run(jobs)
-
-
 def worker_service(settings: dict) -> Callable[[dict], None]:
     """A model worker's handler (slatflow.worker): the model loaded once, then one asset per
     request `{"sha256", "render_dir", "voxels", "output"}`.
@@ -910,14 +899,3 @@ def request_handler(extractor: FeatureExtractor) -> Callable[[dict], None]:
 
     handle.concurrency = WORKER_REQUESTS_AT_ONCE
     return handle
-
-
-def extract_feature_files(jobs: Iterable[FeatureJob], settings: FeatureSettings) -> None:
-    """`extract_features` for a Snakemake job: every asset is tried, then the first failure raised.
-
-    Raises:
-        AssetError: an asset could not be processed.
-    """
-    failures = [outcome.error for outcome in extract_features(jobs, settings) if outcome.error is not None]
-    if failures:
-        raise failures[0]

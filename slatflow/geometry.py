@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
@@ -830,33 +829,3 @@ def check_quality_asset(
     if record["suspicious"]:
         logger.warning("asset %s is suspicious: %s", sha256, "; ".join(record["suspicious"]))
     return record
-
-
-def check_quality_assets(
-    sha256s: Sequence[str],
-    out_dir: str | os.PathLike,
-    settings: Any = None,
-    with_mesh: bool = True,
-) -> list:
-    """Check many assets under OUT (inputs at their standard paths); a bad asset is logged
-    and returned as its error, never fatal. Writes `OUT/quality/<sha>.json` each."""
-    from slatflow.errors import AssetError
-
-    out_dir = Path(out_dir)
-    errors: list[AssetError | None] = []
-    for sha256 in sha256s:
-        try:
-            check_quality_asset(
-                sha256,
-                out_dir / "renders" / sha256 / "mesh.ply",
-                out_dir / "quality" / f"{sha256}.json",
-                watertight_mesh=out_dir / "meshes" / f"{sha256}.ply" if with_mesh else None,
-                voxels=out_dir / "voxels" / f"{sha256}.ply",
-                render_dir=out_dir / "renders" / sha256,
-                settings=settings,
-            )
-            errors.append(None)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            errors.append(exc)
-    return errors

@@ -673,47 +673,6 @@ def _slat_codec(
     )
 
 
-def encode_latent_files(
-    kind: EncoderKind,
-    sha256s: Sequence[str],
-    sources: Sequence[str | Path],
-    outputs: Sequence[str | Path],
-    settings: LatentSettings,
-    threads: int | None = None,
-) -> None:
-    """Encode the assets of one workflow job; raise the first failure after writing the rest.
-
-    Args:
-        kind: "ss" (sources are voxel PLYs) or "slat" (sources are feature npz files).
-        threads: torch CPU threads (the job's cores); default settings.threads.
-
-    Raises:
-        AssetError: the first asset that failed.
-    """
-    encode = _latent_encoder_for_jobs(kind, settings, threads)
-    encode([LatentJob(sha, Path(src), Path(dst)) for sha, src, dst in zip(sha256s, sources, outputs, strict=True)])
-
-
-def _latent_encoder_for_jobs(
-    kind: EncoderKind, settings: LatentSettings, threads: int | None
-) -> Callable[[list[LatentJob]], None]:
-    """Load and place the `kind` encoder once; return a function encoding jobs with it."""
-    import torch
-
-    torch.set_num_threads(threads or settings.threads)
-    placed = place(settings.load(kind), kind, settings.device, settings.precision)
-    encode = encode_ss_latents if kind == "ss" else encode_slat_latents
-
-    def encode_jobs(jobs: list[LatentJob]) -> None:
-        if placed.encoder.random_weights:  # said in every asset's log, also from a model worker
-            warn_random_weights(logger, placed.encoder.name)
-        failures = encode(jobs, placed)
-        if failures:
-            raise next(iter(failures.values()))
-
-    return encode_jobs
-
-
 def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]:
     """Requests are served at once (WORKER_REQUESTS_AT_ONCE): each reads its input and writes
     its output in its own thread; the encoder runs the inputs that arrived together as one batch."""

@@ -26,13 +26,11 @@ trimesh's voxelizers sample the surface, and Open3D itself is what we replace.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numba
 import numpy as np
@@ -58,23 +56,6 @@ _PLANE_BAND_MAX_DEPTH = 6
 # the float64 rounding of the per-box normal then moves the plane by far less than the
 # one-voxel margin of the band (bound: ~1e-15 * R**3 / |n| with R the coordinate scale).
 _PLANE_BAND_CONDITION = 1e-10
-
-
-@dataclasses.dataclass(frozen=True)
-class VoxelizeResult:
-    """The outcome of voxelizing one asset.
-
-    Attributes:
-        sha256: the asset's key.
-        out_path: the voxel PLY (written only when `error` is None).
-        num_voxels: number of surface voxels written; 0 on error.
-        error: the asset's failure, or None.
-    """
-
-    sha256: str
-    out_path: Path
-    num_voxels: int
-    error: AssetError | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -495,39 +476,6 @@ def voxelize_asset(
         sha256, len(faces), len(indices), resolution, time.perf_counter() - start, out_path,
     )
     return len(indices)
-
-
-def voxelize_assets(
-    mesh_paths: Sequence[str | os.PathLike],
-    out_paths: Sequence[str | os.PathLike],
-    sha256s: Sequence[str] | None = None,
-    resolution: int = DEFAULT_RESOLUTION,
-) -> list[VoxelizeResult]:
-    """Voxelize many assets, one at a time; a bad asset is reported, never fatal.
-
-    Args:
-        mesh_paths: each asset's `renders/<sha>/mesh.ply`.
-        out_paths: each asset's `voxels/<sha>.ply`.
-        sha256s: the assets' keys; default: the output file stems.
-        resolution: voxels per axis.
-
-    Returns:
-        One `VoxelizeResult` per asset, in order; failures carry their `AssetError`.
-    """
-    if len(mesh_paths) != len(out_paths):
-        raise ValueError(f"{len(mesh_paths)} mesh paths but {len(out_paths)} output paths")
-    if sha256s is None:
-        sha256s = [Path(p).stem for p in out_paths]
-    results = []
-    for mesh_path, out_path, sha256 in zip(mesh_paths, out_paths, sha256s):
-        try:
-            num_voxels = voxelize_asset(mesh_path, out_path, sha256, resolution)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            results.append(VoxelizeResult(sha256, Path(out_path), 0, exc))
-            continue
-        results.append(VoxelizeResult(sha256, Path(out_path), num_voxels))
-    return results
 
 
 def _checked_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
