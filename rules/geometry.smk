@@ -44,7 +44,7 @@ rule sample_sdf:
         "../envs/geometry.yaml"
     threads: 2  # libigl's distances run on this many threads
     params:
-        settings=sdf_sample_params(),
+        settings=sdf_params(config),
     script:
         "../scripts/sample_sdf.py"
 
@@ -65,7 +65,7 @@ rule quality_check:
         "../envs/geometry.yaml"
     threads: 2  # libigl's point-to-mesh distances run on this many threads
     params:
-        settings=quality_params(),
+        settings=quality_params(config),
     script:
         "../scripts/quality_check.py"
 

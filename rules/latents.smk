@@ -20,9 +20,9 @@ rule encode_ss_latent:
         "../envs/torch.yaml"
     threads: config["latents"]["threads"]  # torch CPU threads of a CPU run (schema)
     resources:
-        gpu_slot=LATENT_GPU_SLOT,
+        gpu_slot=GPU_SLOT.latents,
     params:
-        encoder=latent_encoder_params("ss"),
+        encoder=LATENTS.output_settings("ss"),
     script:
         "../scripts/encode_ss_latent.py"
 
@@ -40,9 +40,9 @@ rule encode_slat_latent:
         "../envs/torch.yaml"
     threads: config["latents"]["threads"]  # torch CPU threads of a CPU run (schema)
     resources:
-        gpu_slot=LATENT_GPU_SLOT,
+        gpu_slot=GPU_SLOT.latents,
     params:
-        encoder=latent_encoder_params("slat"),
+        encoder=LATENTS.output_settings("slat"),
     script:
         "../scripts/encode_slat_latent.py"
 

@@ -23,9 +23,9 @@ rule render_views:
         "../envs/blender.yaml"
     threads: config["render"]["threads"]  # Blender's render threads (schema: render.threads)
     resources:
-        gpu_slot=RENDER_GPU_SLOT,
+        gpu_slot=GPU_SLOT.render,
     params:
-        settings=render_params(),
+        settings=RENDER.output_settings(),
     script:
         "../scripts/render_views.py"
 
@@ -45,9 +45,12 @@ rule render_cond:
         "../envs/blender.yaml"
     threads: config["render"]["threads"]  # Blender's render threads (schema: render.threads)
     resources:
-        gpu_slot=RENDER_GPU_SLOT,
+        gpu_slot=GPU_SLOT.render,
     params:
-        settings=render_cond_params(),
+        settings={
+            "render": RENDER.output_settings(),
+            "cond": RENDER_COND.output_settings(),
+        },
     script:
         "../scripts/render_cond.py"
 

@@ -10,6 +10,6 @@ run_asset_job(
         snakemake.input[0],
         snakemake.output[0],
         snakemake.wildcards.sha256,
-        snakemake.params.resolution,
+        snakemake.config["voxelize"]["resolution"],
     ),
 )

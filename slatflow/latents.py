@@ -158,6 +158,12 @@ class LatentSettings:
     def random_args(self, kind: EncoderKind) -> dict[str, Any] | None:
         return self.random_ss_args if kind == "ss" else self.random_slat_args
 
+    def output_settings(self, kind: EncoderKind) -> dict[str, Any]:
+        """What re-runs the `kind` encoder's outputs (its rule's params): the checkpoint spec
+        (two folders may hold files of one name), a random architecture, the torso precision;
+        the encoder's name is in the output path."""
+        return {"spec": self.spec(kind), "random_args": self.random_args(kind), "precision": self.precision}
+
     def name(self, kind: EncoderKind) -> str:
         """The output folder name of the `kind` encoder (`<ss_enc>`, `<slat_enc>`)."""
         return encoder_name(self.spec(kind), kind, self.random_args(kind))
