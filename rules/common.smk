@@ -2,6 +2,7 @@
 # A job builds its settings from the config; a rule's params are what re-runs it on a change.
 import os
 
+from slatflow.config import check_voxel_grid
 from slatflow.feature_settings import FeatureSettings, resolve_arch
 from slatflow.latents import LatentSettings
 from slatflow.metadata import refresh_output_state
@@ -69,7 +70,6 @@ FEATURE_MODEL = FEATURES.feature_name
 SS_LATENT_NAME = LATENTS.name("ss")
 # latents/<feat>_<slat_enc>: TRELLIS's name, the features read, then the encoder
 SLAT_LATENT_NAME = f"{FEATURE_MODEL}_{LATENTS.name('slat')}"
-# The stage targets, as each stage's .smk registers them (register_stage_target).
 STAGE_TARGETS = StageTargets(config)
 register_stage_target = STAGE_TARGETS.register
 
@@ -92,6 +92,7 @@ def manifest_path():
 
 def included_sha256s():
     """This invocation's assets (shard, less quarantined ones), read once per process."""
+    check_voxel_grid(config, workflow.dag_settings.targets)  # no targets yet at parse
     shard, retry_failed = config["shard"], config["retry_failed"]
     return selected_sha256s(manifest_path(), OUT, shard, retry_failed)
 

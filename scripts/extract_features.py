@@ -9,7 +9,13 @@ from slatflow.workflow import run_model_job
 run_model_job(
     snakemake,
     "features",
-    asdict(FeatureSettings.from_config(snakemake.config["features"], threads=snakemake.threads)),
+    asdict(
+        FeatureSettings.from_config(
+            snakemake.config["features"],
+            threads=snakemake.threads,
+            voxel_resolution=snakemake.config["voxelize"]["resolution"],
+        )
+    ),
     {
         "sha256": snakemake.wildcards.sha256,
         "render_dir": str(Path(snakemake.input.transforms).parent),

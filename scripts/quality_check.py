@@ -20,5 +20,6 @@ run_asset_job(
         voxels=snakemake.input.voxels,
         render_dir=Path(snakemake.input.renders).parent,
         settings=QualitySettings.from_config(snakemake.config["quality"]),
+        voxel_resolution=snakemake.config["voxelize"]["resolution"],
     ),
 )

@@ -46,6 +46,7 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
     read_random_weights_flags,
     resolve_arch,
 )
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = FEATURES.name
-GRID_RESOLUTION = 64  # voxel grid side; voxel centres are (i + 0.5) / 64 - 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Depth maps for the visibility test: a voxel spans about 2.8 pixels at 256^2 (FOV 40 deg,
@@ -65,7 +65,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VISIBILITY_DEPTH_RESOLUTION = 256
 # A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
 # one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
-VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
+VISIBILITY_DEPTH_TOLERANCE_VOXELS = math.sqrt(3)
 # Requests a features worker serves at once: one asset on the device while others decode
 # their views or compress their outputs (each ~1 CPU-s per asset; the workflow runs up to
 # 8 model jobs side by side, rules/common.smk).
@@ -96,7 +96,7 @@ class AssetFeatures:
     """The features of one asset.
 
     Attributes:
-        indices: uint8 (N, 3), voxel grid indices (x, y, z) in [0, 64).
+        indices: uint8 (N, 3), voxel grid indices (x, y, z) in [0, voxel_resolution).
         patchtokens: float16 (N, D), the mean feature of each voxel (TRELLIS's output).
         mean: float32 (N, D), the same before the float16 cast (for tests and comparisons).
         num_views: views averaged.
@@ -325,8 +325,8 @@ def lanczos_resize_rgba(images: "torch.Tensor", size: int) -> "torch.Tensor":
     return torch.cat([rgb, alpha], dim=-1).to(torch.uint8)
 
 
-def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
-    """Read voxel centres and check they lie in the 64^3 grid.
+def load_voxels(path: str | os.PathLike, sha256: str, resolution: int = TRELLIS_RESOLUTION) -> np.ndarray:
+    """Read voxel centres and check they lie in the resolution^3 grid.
 
     Returns:
         float32 (N, 3), voxel centres in the normalized [-0.5, 0.5]^3 frame, Z up.
@@ -345,20 +345,13 @@ def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
         raise AssetError(sha256, f"cannot read voxel PLY {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from None
     if len(positions) == 0:
         raise AssetError(sha256, f"voxel file {path} has no points", STAGE)
-    grid = (positions + np.float32(0.5)) * np.float32(GRID_RESOLUTION)  # (N, 3), TRELLIS's float32 math
-    outside = ~(np.isfinite(grid).all(axis=1) & (grid >= 0).all(axis=1) & (grid < GRID_RESOLUTION).all(axis=1))
+    outside = ~np.isfinite(positions).all(axis=1) | outside_grid(voxel_indices(positions, resolution), resolution)
     if outside.any():
         first = [round(float(c), 5) for c in positions[np.argmax(outside)]]
         raise AssetError(
             sha256, f"{int(outside.sum())} of {len(positions)} voxels in {path} lie outside the grid "
             f"[-0.5, 0.5)^3 (first: {first})", STAGE)
     return positions
-
-
-def voxel_indices(positions: np.ndarray) -> np.ndarray:
-    """uint8 (N, 3): grid indices of voxel centres, `int((p + 0.5) * 64)` as TRELLIS computes them."""
-    grid = (positions.astype(np.float32) + np.float32(0.5)) * np.float32(GRID_RESOLUTION)
-    return grid.astype(np.int64).astype(np.uint8)
 
 
 def projection_matrices(views: list[ViewFrame]) -> np.ndarray:
@@ -490,7 +483,7 @@ def _rasterize_group(depth_view, tri_xy, tri_z, lo, hi, side, resolution) -> Non
 
 def visibility_weights(
     grid: "torch.Tensor", depth: "torch.Tensor", depth_maps: "torch.Tensor",
-    tolerance: float = VISIBILITY_DEPTH_TOLERANCE,
+    tolerance: float = VISIBILITY_DEPTH_TOLERANCE_VOXELS / TRELLIS_RESOLUTION,
 ) -> "torch.Tensor":
     """1 where a voxel is inside a view's frustum and not behind the surface, else 0.
 
@@ -673,7 +666,8 @@ class FeatureExtractor:
             grid, depth = project_to_grid(points, projection[start:stop])  # (B, N, 2), (B, N)
             weights = None
             if depth_maps is not None:
-                weights = visibility_weights(grid, depth, depth_maps[start:stop])  # (B, N)
+                tolerance = VISIBILITY_DEPTH_TOLERANCE_VOXELS / self.settings.voxel_resolution
+                weights = visibility_weights(grid, depth, depth_maps[start:stop], tolerance)  # (B, N)
                 seen += weights.sum(0)
             chunk = max(1, (self.settings.sample_memory_mb << 20) // (4 * self.embed_dim * (stop - start)))
             for lo in range(0, num_voxels, chunk):
@@ -709,7 +703,7 @@ class FeatureExtractor:
             logger.info("asset %s: %d of %d voxels seen by no view; they take the all-view mean",
                         asset.job.sha256, int(result.unseen), len(mean))
         return AssetFeatures(
-            indices=voxel_indices(asset.positions),
+            indices=voxel_indices(asset.positions, self.settings.voxel_resolution).astype(np.uint8),
             patchtokens=mean.astype(np.float16),
             mean=mean,
             num_views=len(asset.views),
@@ -735,7 +729,7 @@ class FeatureExtractor:
 
     def _prepare(self, job: FeatureJob, decoder: ThreadPoolExecutor) -> _PreparedAsset:
         views = read_view_frames(job.render_dir, job.sha256)
-        positions = load_voxels(job.voxels_path, job.sha256)
+        positions = load_voxels(job.voxels_path, job.sha256, self.settings.voxel_resolution)
         mesh = load_mesh(Path(job.render_dir) / "mesh.ply", job.sha256) if self.settings.visibility else None
         size = None if self.resize_on_device else self.settings.image_size
         images = [decoder.submit(decode_view, view.path, size, job.sha256) for view in views]

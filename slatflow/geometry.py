@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.stages import MESHES, QUALITY
 
 logger = logging.getLogger(__name__)
@@ -452,7 +453,7 @@ class VoxelSDF:
     def __init__(
         self,
         indices: np.ndarray,
-        resolution: int = 64,
+        resolution: int = TRELLIS_RESOLUTION,
         fill_interior: bool = True,
         truncation: float | None = None,
     ):
@@ -561,7 +562,7 @@ def watertight_mesh(
 
 def voxel_mesh(
     indices: np.ndarray,
-    resolution: int = 64,
+    resolution: int = TRELLIS_RESOLUTION,
     level_voxels: float = -0.45,
     samples_per_voxel: int = 2,
     fill_interior: bool = True,
@@ -741,9 +742,6 @@ def sample_sdf_asset(
     return samples
 
 
-VOXEL_GRID = 64  # TRELLIS's voxels/<sha>.ply grid
-
-
 def check_quality_asset(
     sha256: str,
     source_mesh: str | os.PathLike,
@@ -752,6 +750,7 @@ def check_quality_asset(
     voxels: str | os.PathLike | None = None,
     render_dir: str | os.PathLike | None = None,
     settings: Any = None,
+    voxel_resolution: int = TRELLIS_RESOLUTION,
 ) -> dict:
     """Run the quality checks of one asset (slatflow.quality's metrics on this module's
     meshes) and write its record to `out_path` (JSON, atomically).
@@ -765,6 +764,7 @@ def check_quality_asset(
         render_dir: `renders/<sha>/`, or None.
         settings: a `quality.QualitySettings` (sample count, threshold, seed, flags);
             None for the defaults.
+        voxel_resolution: the grid of `voxels` (`voxelize.resolution`).
 
     Returns:
         The record: `mesh` and `voxels` (SurfaceMetrics fields or None), `masks`
@@ -803,8 +803,8 @@ def check_quality_asset(
             centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
         except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
             raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", QUALITY.name) from exc
-        indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
+        indices = voxel_indices(centres, voxel_resolution)  # (N, 3)
+        if len(indices) == 0 or outside_grid(indices, voxel_resolution).any():
             raise AssetError(
                 sha256,
                 f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
@@ -812,7 +812,7 @@ def check_quality_asset(
             )
         record["num_voxels"] = int(len(indices))
         start = time.perf_counter()
-        rebuilt = voxel_mesh(indices, VOXEL_GRID, samples_per_voxel=settings.voxel_samples_per_voxel)
+        rebuilt = voxel_mesh(indices, voxel_resolution, samples_per_voxel=settings.voxel_samples_per_voxel)
         seconds["voxel_mesh"] = time.perf_counter() - start
         record["voxels"] = compare("voxels", rebuilt)
     if render_dir is not None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 import numpy as np
 
 from slatflow.errors import AssetError, ConfigError
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests and benchmarks
@@ -53,8 +54,8 @@ SS_STAGE = SS_LATENT.name
 SLAT_STAGE = SLAT_LATENT.name
 STATS_STAGE = LATENT_STATS.name
 
-# TRELLIS's voxel grid side: voxel centres are (i + 0.5) / 64 - 0.5.
-VOXEL_RESOLUTION = 64
+# The released encoders' grid: voxelize.resolution must be it (slatflow.config checks).
+VOXEL_RESOLUTION = TRELLIS_RESOLUTION
 # TRELLIS's training filter on num_voxels; encoding more works, it is only a sizing hint.
 TRAINING_VOXEL_CAP = 32768
 # Assets per forward pass: a 64^3 x 32-channel fp16 activation is 16 MB, so 8 assets stay
@@ -197,7 +198,7 @@ def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int =
         points: float (N, 3) voxel centres `(i + 0.5) / resolution - 0.5`, normalized frame.
 
     Returns:
-        int64 (N, 3) indices `int((p + 0.5) * resolution)` (float32 math, truncation).
+        int64 (N, 3) indices (slatflow.grid.voxel_indices).
 
     Raises:
         AssetError: no points, non-finite points, or indices outside [0, resolution).
@@ -207,14 +208,13 @@ def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int =
         raise AssetError(sha256, f"voxel positions have shape {points.shape}, expected (N>0, 3)", SS_STAGE)
     if not np.isfinite(points).all():
         raise AssetError(sha256, "voxel positions contain NaN or inf", SS_STAGE)
-    half, res = np.float32(0.5), np.float32(resolution)
-    indices = ((points.astype(np.float32) + half) * res).astype(np.int64)  # (N, 3), truncates
-    bad = (indices < 0) | (indices >= resolution)
+    indices = voxel_indices(points, resolution)  # (N, 3)
+    bad = outside_grid(indices, resolution)  # (N,)
     if bad.any():
-        row = int(np.argwhere(bad.any(axis=1))[0, 0])
+        row = int(np.argmax(bad))
         raise AssetError(
             sha256,
-            f"{int(bad.any(axis=1).sum())} voxel positions fall outside the {resolution}^3 grid, "
+            f"{int(bad.sum())} voxel positions fall outside the {resolution}^3 grid, "
             f"e.g. {points[row].tolist()} (expected centres in [-0.5, 0.5])",
             SS_STAGE,
         )

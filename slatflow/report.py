@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from slatflow.grid import TRELLIS_RESOLUTION, voxel_indices
 from slatflow.quality import QUALITY_COLUMNS
 from slatflow.stages import STAGES, stage_of_column
 
@@ -31,8 +32,8 @@ SECTIONS = ("summary", "failures", "suspicious", "histograms", "timings", "previ
 # a 3/4 view from above, like most of TRELLIS's views (yaw 45 degrees, pitch 30 degrees)
 _VIEW_YAW, _VIEW_PITCH = math.radians(45), math.radians(30)
 
-# (metadata column, histogram title)
-HISTOGRAMS = [("num_voxels", "num_voxels (64^3 surface voxels)")] + [
+# (metadata column, histogram title); {resolution} is the voxel grid's side
+HISTOGRAMS = [("num_voxels", "num_voxels ({resolution}^3 surface voxels)")] + [
     (column, column.replace("_", " ")) for column, _, _ in QUALITY_COLUMNS
 ]
 
@@ -167,10 +168,10 @@ def mesh_preview(vertices: np.ndarray, faces: np.ndarray, size: int = PREVIEW_SI
     return splat_image(points, normals, (120, 160, 230), size)
 
 
-def voxel_preview(centres: np.ndarray, resolution: int = 64, size: int = PREVIEW_SIZE):
+def voxel_preview(centres: np.ndarray, resolution: int = TRELLIS_RESOLUTION, size: int = PREVIEW_SIZE):
     """A PIL image of voxels drawn as cubes (points on each cube's exposed faces)."""
+    idx = np.clip(voxel_indices(centres, resolution), 0, resolution - 1)  # (N, 3)
     centres = np.asarray(centres, np.float64)
-    idx = np.clip(np.floor((centres + 0.5) * resolution).astype(np.int64), 0, resolution - 1)  # (N, 3)
     occupied = np.zeros((resolution + 2,) * 3, dtype=bool)  # with an empty ring
     occupied[tuple((idx + 1).T)] = True
     lattice = np.stack(np.meshgrid(*[np.linspace(-0.45, 0.45, 5)] * 2, indexing="ij"), -1).reshape(
@@ -215,7 +216,7 @@ def _img(image, caption: str) -> str:
     )
 
 
-def asset_previews(out_dir: Path, sha256: str) -> str:
+def asset_previews(out_dir: Path, sha256: str, voxel_resolution: int = TRELLIS_RESOLUTION) -> str:
     """One asset's row: a few renders, its voxels and its watertight mesh, side by side.
 
     A file that cannot be read (a quarantined asset's leftovers, a truncated file) becomes a
@@ -226,7 +227,7 @@ def asset_previews(out_dir: Path, sha256: str) -> str:
 
     def voxel_tile(path: Path) -> str:
         centres = read_ply_points(path)
-        return _img(voxel_preview(centres), f"voxels ({len(centres)})")
+        return _img(voxel_preview(centres, voxel_resolution), f"voxels ({len(centres)})")
 
     def mesh_tile(path: Path) -> str:
         vertices, faces = read_mesh_ply(path, sha256)
@@ -307,6 +308,7 @@ def build_report(
     metadata: "pd.DataFrame | str | os.PathLike | None" = None,  # noqa: F821
     num_previews: int = 6,
     seed: int = 0,
+    voxel_resolution: int = TRELLIS_RESOLUTION,
 ) -> str:
     """The report's HTML (one self-contained page).
 
@@ -317,6 +319,7 @@ def build_report(
         num_previews: assets drawn in the previews: suspicious ones first, then a seeded
             random sample of the others with outputs on disk.
         seed: the sample's seed.
+        voxel_resolution: the voxel grid's side (`voxelize.resolution`).
     """
     import pandas as pd
 
@@ -353,7 +356,7 @@ def build_report(
         values = (
             pd.to_numeric(metadata[column], errors="coerce").to_numpy() if column in metadata else np.zeros(0)
         )
-        body.append(svg_histogram(values, title))
+        body.append(svg_histogram(values, title.format(resolution=voxel_resolution)))
     body.append("</div>")
 
     timings = read_benchmarks(out_dir)
@@ -388,7 +391,7 @@ def build_report(
         )
         header = f"<p><code>{_e(sha256)}</code> {_e(metrics)}"
         header += f' <span class="bad">{_e(reasons)}</span></p>' if reasons else "</p>"
-        body.append(f'<div class="asset">{header}{asset_previews(out_dir, sha256)}</div>')
+        body.append(f'<div class="asset">{header}{asset_previews(out_dir, sha256, voxel_resolution)}</div>')
 
     from slatflow.quality import __doc__ as quality_doc
 

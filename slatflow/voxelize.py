@@ -36,12 +36,13 @@ import numba
 import numpy as np
 
 from slatflow.errors import AssetError
+from slatflow.grid import TRELLIS_RESOLUTION, voxel_centres
 from slatflow.stages import VOXELIZE
 
 logger = logging.getLogger(__name__)
 
 STAGE = VOXELIZE.name
-DEFAULT_RESOLUTION = 64  # TRELLIS's sparse-structure grid
+DEFAULT_RESOLUTION = TRELLIS_RESOLUTION
 # TRELLIS clamps mesh vertices this far inside [-0.5, 0.5]^3 so that no voxel index
 # leaves [0, resolution); slatflow applies the same clamp to get the same voxels.
 CLAMP_MARGIN = 1e-6
@@ -361,11 +362,6 @@ def _grid_indices(grid: np.ndarray) -> np.ndarray:
 def clamp_vertices(vertices: np.ndarray) -> np.ndarray:
     """TRELLIS's clamp: float64 (V, 3) clipped to [-0.5 + 1e-6, 0.5 - 1e-6]."""
     return np.clip(np.asarray(vertices, dtype=np.float64), -0.5 + CLAMP_MARGIN, 0.5 - CLAMP_MARGIN)
-
-
-def voxel_centres(indices: np.ndarray, resolution: int = DEFAULT_RESOLUTION) -> np.ndarray:
-    """Voxel indices -> float32 (N, 3) centres `(i + 0.5) / resolution - 0.5`."""
-    return ((np.asarray(indices, dtype=np.float64) + 0.5) / resolution - 0.5).astype(np.float32)
 
 
 def read_mesh_ply(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.ndarray]:
