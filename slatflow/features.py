@@ -345,7 +345,9 @@ def load_voxels(path: str | os.PathLike, sha256: str, resolution: int = TRELLIS_
         raise AssetError(sha256, f"cannot read voxel PLY {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from None
     if len(positions) == 0:
         raise AssetError(sha256, f"voxel file {path} has no points", STAGE)
-    outside = ~np.isfinite(positions).all(axis=1) | outside_grid(voxel_indices(positions, resolution), resolution)
+    finite = np.isfinite(positions).all(axis=1)  # (N,); a NaN has no index to compute
+    outside = ~finite
+    outside[finite] = outside_grid(voxel_indices(positions[finite], resolution), resolution)
     if outside.any():
         first = [round(float(c), 5) for c in positions[np.argmax(outside)]]
         raise AssetError(
