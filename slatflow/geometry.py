@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 import numpy as np
 
 from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
-from slatflow.stages import MESHES, QUALITY
+from slatflow.stages import MESHES, QUALITY, SDF
 
 logger = logging.getLogger(__name__)
 
@@ -620,7 +620,7 @@ def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
 
     from slatflow.errors import AssetError
     from slatflow.io import OutputCheckError, atomic_path
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
     vertex = np.zeros(len(mesh.vertices), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     vertex["x"], vertex["y"], vertex["z"] = np.asarray(mesh.vertices, dtype=np.float32).T
@@ -632,7 +632,7 @@ def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
     with atomic_path(path) as tmp:
         ply.write(str(tmp))
         try:
-            vertices, faces = read_mesh_ply(tmp, "")
+            vertices, faces = read_mesh_ply("", tmp, MESHES.name)  # the read-back of the writer
         except AssetError as exc:
             raise OutputCheckError(errno.EIO, f"{path} does not read back (Input/output error): {exc.reason}") from exc
         if len(vertices) != len(mesh.vertices) or not np.array_equal(faces, mesh.faces):
@@ -652,9 +652,9 @@ def extract_mesh_asset(
         AssetError: the source mesh cannot be read, or encloses nothing at this resolution.
     """
     from slatflow.errors import AssetError
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
-    vertices, faces = read_mesh_ply(mesh_path, sha256)
+    vertices, faces = read_mesh_ply(sha256, mesh_path, MESHES.name)
     if not np.isfinite(vertices).all():
         raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", MESHES.name)
     mesh = watertight_mesh(vertices, faces, resolution=resolution, method=method)
@@ -731,9 +731,9 @@ def sample_sdf_asset(
     """`sdf/<sha>.npz` (`points`, `sdf`) from the watertight `meshes/<sha>.ply`; the
     generator is seeded from `seed` and the sha256, so a rerun writes the same samples."""
     from slatflow.io import save_npz_atomic
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
-    mesh = TriangleMesh(*read_mesh_ply(mesh_path, sha256))
+    mesh = TriangleMesh(*read_mesh_ply(sha256, mesh_path, SDF.name))
     import hashlib
 
     rng = np.random.default_rng([seed, int(hashlib.sha256(sha256.encode()).hexdigest()[:16], 16)])
@@ -777,12 +777,12 @@ def check_quality_asset(
     from slatflow.errors import AssetError
     from slatflow.io import read_ply_points, write_json_atomic, written_by
     from slatflow.quality import QualitySettings, render_mask_coverage, suspicious_reasons, surface_metrics
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
     settings = QualitySettings() if settings is None else settings
     seconds: dict[str, float] = {}
     record: dict = {"sha256": sha256, "mesh": None, "voxels": None, "masks": None, "num_voxels": None}
-    reference = TriangleMesh(*read_mesh_ply(source_mesh, sha256))
+    reference = TriangleMesh(*read_mesh_ply(sha256, source_mesh, QUALITY.name))
 
     def compare(name: str, checked: TriangleMesh) -> dict:
         start = time.perf_counter()
@@ -797,7 +797,7 @@ def check_quality_asset(
         return metrics._asdict()
 
     if watertight_mesh is not None:
-        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(watertight_mesh, sha256)))
+        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(sha256, watertight_mesh, QUALITY.name)))
     if voxels is not None:
         try:
             centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres

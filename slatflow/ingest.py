@@ -23,6 +23,7 @@ from typing import Iterator, Literal
 import pandas as pd
 
 from slatflow.errors import ConfigError
+from slatflow.manifest import MANIFEST_COLUMNS, SOURCE_COLUMNS, captions_json  # noqa: F401 - the stage's public names
 from slatflow.quarantine import clear_failure, record_failure
 from slatflow.stages import INGEST
 
@@ -39,8 +40,6 @@ COMPANION_EXTENSIONS = frozenset(
     {".bin", ".mtl", ".png", ".jpg", ".jpeg", ".tga", ".bmp", ".tif", ".tiff", ".exr", ".hdr", ".webp", ".ktx2", ".dds"}
 )
 
-SOURCE_COLUMNS = ["sha256", "file_identifier", "aesthetic_score", "captions"]
-MANIFEST_COLUMNS = SOURCE_COLUMNS + ["local_path", "size", "mtime_ns", "subset", "source_ref"]
 
 _HASH_CHUNK = 1 << 20
 
@@ -327,7 +326,7 @@ def read_csv_source(
                 "sha256": record["sha256"],
                 "file_identifier": record["file_identifier"],
                 "aesthetic_score": record["aesthetic_score"],
-                "captions": _captions_json(record["captions"]),
+                "captions": captions_json(record["captions"]),
                 "local_path": local_path,
                 "size": size,
                 "mtime_ns": mtime_ns,
@@ -337,17 +336,6 @@ def read_csv_source(
             }
         )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["problem"])
-
-
-def _captions_json(captions: object) -> str:
-    """Captions as a JSON list (TRELLIS crashes without them); a plain string becomes [string]."""
-    if isinstance(captions, str):
-        try:
-            parsed = json.loads(captions)
-        except ValueError:
-            return json.dumps([captions])
-        return json.dumps(parsed if isinstance(parsed, list) else [parsed])
-    return "[]"
 
 
 def filter_assets(manifest: pd.DataFrame, source: SourceConfig) -> pd.DataFrame:

@@ -23,8 +23,8 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from slatflow.ingest import SOURCE_COLUMNS
 from slatflow.io import STAGE_OF_FOLDER, atomic_path, write_text_atomic
+from slatflow.manifest import SOURCE_COLUMNS
 from slatflow.models.names import latent_folder_names
 from slatflow.quarantine import load_failures
 from slatflow.stages import FEATURES, SLAT_LATENT, SS_LATENT, STAGES

@@ -22,7 +22,7 @@ import numpy as np
 
 from slatflow.grid import TRELLIS_RESOLUTION, voxel_indices
 from slatflow.quality import QUALITY_COLUMNS
-from slatflow.stages import STAGES, stage_of_column
+from slatflow.stages import REPORT, STAGES, stage_of_column
 
 logger = logging.getLogger(__name__)
 
@@ -222,15 +222,14 @@ def asset_previews(out_dir: Path, sha256: str, voxel_resolution: int = TRELLIS_R
     A file that cannot be read (a quarantined asset's leftovers, a truncated file) becomes a
     tile that says so: one asset's file never stops the report.
     """
-    from slatflow.io import read_ply_points
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply, read_ply_points
 
     def voxel_tile(path: Path) -> str:
         centres = read_ply_points(path)
         return _img(voxel_preview(centres, voxel_resolution), f"voxels ({len(centres)})")
 
     def mesh_tile(path: Path) -> str:
-        vertices, faces = read_mesh_ply(path, sha256)
+        vertices, faces = read_mesh_ply(sha256, path, REPORT.name)
         return _img(mesh_preview(vertices, faces), f"watertight mesh ({len(faces)} faces)")
 
     tiles = []

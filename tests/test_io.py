@@ -192,3 +192,18 @@ def test_a_member_over_4_gib_goes_through_zipfiles_zip64(tmp_path, monkeypatch):
     save_npz_atomic(tmp_path / "x.npz", big=big, small=np.uint8(3))
     with np.load(tmp_path / "x.npz") as loaded:
         assert np.array_equal(loaded["big"], big) and loaded["small"] == 3
+
+
+@pytest.mark.parametrize("stage", ["voxelize", "meshes", "quality", "report"])
+def test_the_mesh_reader_names_the_stage_reading_and_the_stage_that_wrote(tmp_path, stage):
+    from slatflow.errors import AssetError
+    from slatflow.io import read_mesh_ply
+
+    sha = "ab" * 32
+    mesh = tmp_path / "renders" / sha / "mesh.ply"
+    mesh.parent.mkdir(parents=True)
+    mesh.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\n")  # a header cut short
+    with pytest.raises(AssetError) as info:
+        read_mesh_ply(sha, mesh, stage)
+    assert info.value.stage == stage and info.value.sha256 == sha
+    assert f"{mesh} (written by the render stage)" in info.value.reason

@@ -193,7 +193,7 @@ def test_voxelize_asset_matches_trellis_recipe(tmp_path, text, resolution):
     vertices = vertices * 1.02  # a little outside the bounds: the clamp matters
     mesh_path = write_mesh_ply(tmp_path / "renders" / "abc" / "mesh.ply", vertices, faces, text)
     out_path = tmp_path / "voxels" / "abc.ply"
-    num_voxels = voxelize_asset(mesh_path, out_path, "abc", resolution)
+    num_voxels = voxelize_asset("abc", mesh_path, out_path, resolution)
 
     ply = PlyData.read(str(out_path))
     assert [element.name for element in ply.elements] == ["vertex"]
@@ -244,11 +244,11 @@ def test_bad_meshes_fail_with_clear_reasons(tmp_path):
     for name, (path, reason) in bad.items():
         out_path = tmp_path / "voxels" / f"{name}.ply"
         with pytest.raises(AssetError) as caught:
-            voxelize_asset(path, out_path, name)
+            voxelize_asset(name, path, out_path)
         assert caught.value.sha256 == name and caught.value.stage == "voxelize"
         assert reason in caught.value.reason, (name, caught.value.reason)
         assert "\n" not in caught.value.reason
         assert not out_path.exists()
     good = write_mesh_ply(tmp_path / "renders" / "good" / "mesh.ply", *trimesh_primitive("cone"))
-    assert voxelize_asset(good, tmp_path / "voxels" / "good.ply", "good") > 0
+    assert voxelize_asset("good", good, tmp_path / "voxels" / "good.ply") > 0
     assert (tmp_path / "voxels" / "good.ply").exists()
