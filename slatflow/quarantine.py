@@ -32,6 +32,13 @@ class Failure:
     log: str
     time: str
 
+    def line(self) -> str:
+        """The one console line of this failure, as the failed job prints it."""
+        return f"slatflow: asset {self.sha256} failed in {self.stage}: {self.reason} (log: {self.log})"
+
+
+SUMMARY_LINES = 20  # a run's end lists at most this many of its quarantined assets
+
 
 def failure_path(out_dir: str | os.PathLike, stage: str, sha256: str) -> Path:
     return Path(out_dir) / FAILED_DIR / stage / f"{sha256}.json"
@@ -147,4 +154,10 @@ def failure_summary(out_dir: str | os.PathLike, since: float | None = None) -> s
         )
     if not lines:
         return "slatflow: no asset is quarantined; the failure was not an asset's (see the log above)."
+    # This run's quarantines again, one line each: a job on SLURM prints its line into its
+    # SLURM log, not to this console.
+    new = load_failures(out_dir, since=since) if since is not None else []
+    lines += [failure.line() for failure in new[:SUMMARY_LINES]]
+    if len(new) > SUMMARY_LINES:
+        lines.append(f"slatflow: ... and {len(new) - SUMMARY_LINES} more quarantined in this run (metadata.csv)")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from slatflow.errors import AssetError, ConfigError, transient_cause
 from slatflow.logs import LOG_ONLY, configure_job_logging
-from slatflow.quarantine import clear_failure, record_failure
+from slatflow.quarantine import Failure, clear_failure, record_failure
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_asset_job(
             )
         else:
             record_failure(out_dir, stage, sha256, reason, log_path)
-            print(f"slatflow: asset {sha256} failed in {stage}: {reason} (log: {log_path})", file=sys.stderr)
+            print(Failure(sha256, stage, reason, str(log_path), "").line(), file=sys.stderr)
         sys.exit(1)
     clear_failure(out_dir, stage, sha256)
 

@@ -146,8 +146,23 @@ def test_the_summary_tells_quarantined_from_transient_and_leaves_out_older_runs(
     summary = failure_summary(tmp_path, since=time.time() - 60).splitlines()
     assert summary[0].startswith("slatflow: 1 asset(s) quarantined (render: 1)")
     assert summary[1].startswith("slatflow: 1 asset(s) failed for a reason that is not the asset's (features: 1;")
+    assert summary[2] == f"slatflow: asset {SHA} failed in render: no mesh objects (log: )", "this run's, each"
     os.utime(transient_path(tmp_path, "features", "d" * 64), (0, 0))  # from an earlier run
-    assert len(failure_summary(tmp_path, since=time.time() - 60).splitlines()) == 1
+    assert not any("not the asset's" in line for line in failure_summary(tmp_path, since=time.time() - 60).splitlines())
+    os.utime(failure_path(tmp_path, "render", SHA), (0, 0))
+    summary = failure_summary(tmp_path, since=time.time() - 60).splitlines()
+    assert summary == [summary[0]], "an earlier run's quarantine is counted, not listed"
+
+
+def test_the_summary_lists_at_most_a_screenful_of_this_runs_quarantines(tmp_path):
+    from slatflow.quarantine import SUMMARY_LINES, failure_summary
+
+    for n in range(SUMMARY_LINES + 5):
+        record_failure(tmp_path, "voxelize", f"{n:064x}", f"bad mesh {n}")
+    summary = failure_summary(tmp_path, since=time.time() - 60).splitlines()
+    assert len(summary) == 1 + SUMMARY_LINES + 1
+    assert summary[-1] == "slatflow: ... and 5 more quarantined in this run (metadata.csv)"
+    assert all("failed in voxelize: bad mesh" in line for line in summary[1:-1])
 
 
 @pytest.mark.parametrize(
