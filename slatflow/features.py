@@ -137,7 +137,7 @@ class ViewFrame:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFrame]:
+def read_view_frames(sha256: str, render_dir: str | os.PathLike) -> list[ViewFrame]:
     """Read and check transforms.json against the PNGs beside it.
 
     Raises:
@@ -155,7 +155,7 @@ def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFra
     frames = transforms.get("frames") if isinstance(transforms, dict) else None
     if not isinstance(frames, list) or not frames:
         raise AssetError(sha256, f"{transforms_path} has no 'frames' list (expected one entry per view)", STAGE)
-    views = [_parse_frame(frame, i, render_dir, transforms_path, sha256) for i, frame in enumerate(frames)]
+    views = [_parse_frame(sha256, frame, i, render_dir, transforms_path) for i, frame in enumerate(frames)]
     listed = [view.path.name for view in views]
     if len(set(listed)) != len(listed):
         duplicates = sorted({name for name in listed if listed.count(name) > 1})
@@ -175,7 +175,7 @@ def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFra
     return views
 
 
-def _parse_frame(frame, index: int, render_dir: Path, transforms_path: Path, sha256: str) -> ViewFrame:
+def _parse_frame(sha256: str, frame, index: int, render_dir: Path, transforms_path: Path) -> ViewFrame:
     where = f"{transforms_path} frame {index}"
     if not isinstance(frame, dict):
         raise AssetError(sha256, f"{where} is not an object", STAGE)
@@ -196,7 +196,7 @@ def _parse_frame(frame, index: int, render_dir: Path, transforms_path: Path, sha
     return ViewFrame(render_dir / file_path, c2w, fov)
 
 
-def decode_view(path: Path, image_size: int | None, sha256: str) -> np.ndarray:
+def decode_view(sha256: str, path: Path, image_size: int | None) -> np.ndarray:
     """Open a view PNG and resize it as TRELLIS does (PIL LANCZOS on the RGBA image).
 
     PIL resizes RGBA through premultiplied RGBa and rounds to 8 bits; PIL itself, or
@@ -325,7 +325,7 @@ def lanczos_resize_rgba(images: "torch.Tensor", size: int) -> "torch.Tensor":
     return torch.cat([rgb, alpha], dim=-1).to(torch.uint8)
 
 
-def load_voxels(path: str | os.PathLike, sha256: str, resolution: int = TRELLIS_RESOLUTION) -> np.ndarray:
+def load_voxels(sha256: str, path: str | os.PathLike, resolution: int = TRELLIS_RESOLUTION) -> np.ndarray:
     """Read voxel centres and check they lie in the resolution^3 grid.
 
     Returns:
@@ -391,7 +391,7 @@ def project_to_grid(points: "torch.Tensor", projection: "torch.Tensor") -> tuple
 # ----------------------------------------------------------------------------------------------
 
 
-def load_mesh(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+def load_mesh(sha256: str, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read the render's mesh.ply.
 
     Returns:
@@ -730,11 +730,11 @@ class FeatureExtractor:
     # -- many assets, streamed ------------------------------------------------------------------
 
     def _prepare(self, job: FeatureJob, decoder: ThreadPoolExecutor) -> _PreparedAsset:
-        views = read_view_frames(job.render_dir, job.sha256)
-        positions = load_voxels(job.voxels_path, job.sha256, self.settings.voxel_resolution)
-        mesh = load_mesh(Path(job.render_dir) / "mesh.ply", job.sha256) if self.settings.visibility else None
+        views = read_view_frames(job.sha256, job.render_dir)
+        positions = load_voxels(job.sha256, job.voxels_path, self.settings.voxel_resolution)
+        mesh = load_mesh(job.sha256, Path(job.render_dir) / "mesh.ply") if self.settings.visibility else None
         size = None if self.resize_on_device else self.settings.image_size
-        images = [decoder.submit(decode_view, view.path, size, job.sha256) for view in views]
+        images = [decoder.submit(decode_view, job.sha256, view.path, size) for view in views]
         return _PreparedAsset(job, views, images, positions, projection_matrices(views), mesh)
 
     def run(self, jobs: Iterable[FeatureJob], keep_features: bool = False) -> list[FeatureOutcome]:

@@ -216,7 +216,7 @@ def _img(image, caption: str) -> str:
     )
 
 
-def asset_previews(out_dir: Path, sha256: str, voxel_resolution: int = TRELLIS_RESOLUTION) -> str:
+def asset_previews(sha256: str, out_dir: Path, voxel_resolution: int = TRELLIS_RESOLUTION) -> str:
     """One asset's row: a few renders, its voxels and its watertight mesh, side by side.
 
     A file that cannot be read (a quarantined asset's leftovers, a truncated file) becomes a
@@ -390,7 +390,7 @@ def build_report(
         )
         header = f"<p><code>{_e(sha256)}</code> {_e(metrics)}"
         header += f' <span class="bad">{_e(reasons)}</span></p>' if reasons else "</p>"
-        body.append(f'<div class="asset">{header}{asset_previews(out_dir, sha256, voxel_resolution)}</div>')
+        body.append(f'<div class="asset">{header}{asset_previews(sha256, out_dir, voxel_resolution)}</div>')
 
     from slatflow.quality import __doc__ as quality_doc
 

@@ -218,3 +218,31 @@ def stage_of_column(column: str) -> str | None:
 def worker_services() -> dict[str, str]:
     """Worker service name -> "module:function" of its handler."""
     return dict(stage.service for stage in STAGES if stage.service)
+
+
+def markdown_table() -> str:
+    """The table as the README draws it (a test keeps the two the same)."""
+
+    def output(stage: Stage) -> str:
+        if stage.folder is None or stage.suffix is None:
+            return ""
+        model = "<model>/" if stage.per_model else ""
+        return f"`{stage.folder}/{model}<sha256>{stage.suffix}`"
+
+    def columns(stage: Stage) -> str:
+        return ", ".join(f"`{c}_<model>`" if stage.per_model else f"`{c}`" for c in stage.columns)
+
+    header = "| stage (quarantine) | target | rules | per-asset file (written last) | metadata.csv | worker | built from |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        cells = (
+            f"`{stage.name}`",
+            f"`{stage.target}`" if stage.target else "",
+            ", ".join(f"`{rule}`" for rule in stage.rules),
+            output(stage),
+            columns(stage),
+            f"`{stage.service[0]}`" if stage.service else "",
+            ", ".join(f"`{name}`" for name in stage.upstream),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -155,7 +155,7 @@ def test_a_reader_names_the_upstream_file_and_its_stage(tmp_path):
     save_npz_atomic(features, indices=np.zeros((4, 3), np.uint8), patchtokens=np.zeros((4, 8), np.float16))
     features.write_bytes(features.read_bytes()[:100])
     for read, path, stage in (
-        (lambda: load_voxels(voxels, sha), voxels, "voxelize"),
+        (lambda: load_voxels(sha, voxels), voxels, "voxelize"),
         (lambda: read_voxel_indices(sha, voxels), voxels, "voxelize"),
         (lambda: read_sparse_features(sha, features, 8), features, "features"),
     ):

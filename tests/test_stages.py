@@ -103,3 +103,7 @@ def test_worker_services_are_the_stage_tables():
     }
     for service, stage in (("features", "features"), ("ss_latent", "ss_latent"), ("slat_latent", "slat_latent")):
         assert STAGE_BY_NAME[stage].service[0] == service  # a model job's stage is its worker service
+
+
+def test_the_readme_draws_the_table_as_it_is():
+    assert stages.markdown_table() in (REPO / "README.md").read_text()
