@@ -38,7 +38,7 @@ import numpy as np
 
 from slatflow import cameras
 from slatflow.dinov2 import FusedDinov2, LoadedDinov2, load_dinov2, prenorm_patch_tokens
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, AssetOutcome, ConfigError
 from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
     PROVENANCE_FILE,
     TRELLIS_IMAGE_SIZE,
@@ -112,15 +112,17 @@ class AssetFeatures:
     random_weights: bool = False
 
 
-@dataclass
-class FeatureOutcome:
+@dataclass(frozen=True, kw_only=True)
+class FeatureOutcome(AssetOutcome):
     """What happened to one job: written (`error` None) or failed with a one-line reason."""
 
-    sha256: str
     output_path: Path | None
     seconds: float
-    error: AssetError | None = None
     features: AssetFeatures | None = None
+
+
+def _failed(job: FeatureJob, error: AssetError, started: float) -> FeatureOutcome:
+    return FeatureOutcome(job.sha256, error, output_path=job.output_path, seconds=time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -787,7 +789,7 @@ class FeatureExtractor:
                         asset.cancel()
                     refill()
                     logger.error("asset %s failed: %s", job.sha256, exc.reason)
-                    outcomes.append(FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc))
+                    outcomes.append(_failed(job, exc, started))
                     continue
                 outcomes.append(saver.submit(self._finish, job, features, started, keep_features))
             results = [o.result() if isinstance(o, Future) else o for o in outcomes]
@@ -817,7 +819,7 @@ class FeatureExtractor:
             if asset is not None:
                 asset.cancel()
             logger.error("asset %s failed: %s", job.sha256, exc.reason)
-            return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc)
+            return _failed(job, exc, started)
         return self._finish(job, features, started, keep_features)
 
     def _decode_pool(self) -> ThreadPoolExecutor:
@@ -842,11 +844,13 @@ class FeatureExtractor:
                 write_features(job.output_path, features, self.settings.visibility, self.settings.deflate_level)
             except OSError as exc:
                 error = AssetError(job.sha256, f"cannot write {job.output_path}: {exc}", STAGE)
-                return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, error)
+                return _failed(job, error, started)
         seconds = time.perf_counter() - started
         logger.info("asset %s: %d voxels x %d views -> %s (%.2f s)", job.sha256, len(features.indices),
                     features.num_views, job.output_path, seconds)
-        return FeatureOutcome(job.sha256, job.output_path, seconds, None, features if keep else None)
+        return FeatureOutcome(
+            job.sha256, output_path=job.output_path, seconds=seconds, features=features if keep else None
+        )
 
 
 # the TRELLIS contract's arrays, checked on the written file before it is renamed into place

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 
 import numpy as np
 
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, AssetOutcome, ConfigError, outcomes_in_order
 from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
@@ -557,7 +557,7 @@ def encode_ss_latents(
     device: Device | str = "auto",
     precision: Precision = "auto",
     batch_size: int | None = None,
-) -> dict[str, AssetError]:
+) -> list[AssetOutcome]:
     """Encode `voxels/<sha>.ply` files into `ss_latents/<ss_enc>/<sha>.npz` (`mean` (8, 16, 16, 16)).
 
     Args:
@@ -569,10 +569,10 @@ def encode_ss_latents(
         batch_size: assets per forward pass; default SS_BATCH[device type].
 
     Returns:
-        The assets that failed, by sha256, with an AssetError naming the cause; the others
-        are written.
+        One outcome per job, in order: its AssetError naming the cause, or written.
     """
-    return _encode_all(jobs, _ss_codec(encoder, device, precision, batch_size))
+    failed = _encode_all(jobs, _ss_codec(encoder, device, precision, batch_size))
+    return outcomes_in_order([job.sha256 for job in jobs], failed)
 
 
 def _ss_codec(
@@ -614,7 +614,7 @@ def encode_slat_latents(
     device: Device | str = "auto",
     precision: Precision = "auto",
     max_voxels_per_batch: int | None = None,
-) -> dict[str, AssetError]:
+) -> list[AssetOutcome]:
     """Encode `features/<feat>/<sha>.npz` files into `latents/<feat>_<slat_enc>/<sha>.npz`.
 
     Each output holds `feats` float32 (N, 8) and `coords` uint8 (N, 3), row i for the
@@ -630,9 +630,10 @@ def encode_slat_latents(
             larger asset runs alone); default SLAT_VOXELS_PER_BATCH[device type].
 
     Returns:
-        The assets that failed, by sha256, with an AssetError naming the cause.
+        One outcome per job, in order: its AssetError naming the cause, or written.
     """
-    return _encode_all(jobs, _slat_codec(encoder, device, precision, max_voxels_per_batch))
+    failed = _encode_all(jobs, _slat_codec(encoder, device, precision, max_voxels_per_batch))
+    return outcomes_in_order([job.sha256 for job in jobs], failed)
 
 
 def _slat_codec(
