@@ -4,6 +4,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from slatflow.feature_settings import FeatureSettings
+from slatflow.features import FeatureJob
 from slatflow.workflow import run_model_job
 
 run_model_job(
@@ -16,10 +17,10 @@ run_model_job(
             voxel_resolution=snakemake.config["voxelize"]["resolution"],
         )
     ),
-    {
-        "sha256": snakemake.wildcards.sha256,
-        "render_dir": str(Path(snakemake.input.transforms).parent),
-        "voxels": snakemake.input.voxels,
-        "output": snakemake.output[0],
-    },
+    FeatureJob(
+        snakemake.wildcards.sha256,
+        Path(snakemake.input.transforms).parent,
+        Path(snakemake.input.voxels),
+        Path(snakemake.output[0]),
+    ),
 )

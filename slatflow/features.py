@@ -90,6 +90,15 @@ class FeatureJob:
     voxels_path: Path
     output_path: Path | None = None
 
+    def to_request(self) -> dict:
+        """The job as a model worker's request (JSON)."""
+        return {"sha256": self.sha256, "render_dir": str(self.render_dir), "voxels": str(self.voxels_path),
+                "output": str(self.output_path)}
+
+    @classmethod
+    def from_request(cls, request: dict) -> "FeatureJob":
+        return cls(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
+
 
 @dataclass
 class AssetFeatures:
@@ -892,8 +901,7 @@ def request_handler(extractor: FeatureExtractor) -> Callable[[dict], None]:
     def handle(request: dict) -> None:
         if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it
             warn_random_weights(logger, extractor.settings.model)
-        job = FeatureJob(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
-        outcome = extractor.process(job)
+        outcome = extractor.process(FeatureJob.from_request(request))
         if outcome.error is not None:
             raise outcome.error
 

@@ -89,6 +89,14 @@ class LatentJob:
     source: Path
     output: Path
 
+    def to_request(self) -> dict:
+        """The job as a model worker's request (JSON)."""
+        return {"sha256": self.sha256, "source": str(self.source), "output": str(self.output)}
+
+    @classmethod
+    def from_request(cls, request: dict) -> "LatentJob":
+        return cls(request["sha256"], Path(request["source"]), Path(request["output"]))
+
 
 @dataclass(frozen=True)
 class SparseFeatures:
@@ -698,7 +706,7 @@ def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:
     def handle(request: dict) -> None:
         if placed.encoder.random_weights:  # said in every asset's log
             warn_random_weights(logger, placed.encoder.name)
-        job = LatentJob(request["sha256"], Path(request["source"]), Path(request["output"]))
+        job = LatentJob.from_request(request)
         item = codec.read(job)
         result = codec.check(job, item, batcher.encode(job, item))
         if isinstance(result, AssetError):
