@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from slatflow.errors import AccessDenied, AssetError, ConfigError, DownloadError, HashMismatch
-from slatflow.ingest import sha256_of_file
-from slatflow.io import file_lock, write_json_atomic
+from slatflow.io import file_lock, sha256_of_file, write_json_atomic
 from slatflow.stages import DOWNLOAD
 from slatflow.trellis500k import (
     ABO,

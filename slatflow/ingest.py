@@ -23,6 +23,7 @@ from typing import Iterator, Literal
 import pandas as pd
 
 from slatflow.errors import ConfigError
+from slatflow.io import sha256_of_file
 from slatflow.manifest import MANIFEST_COLUMNS, SOURCE_COLUMNS, captions_json  # noqa: F401 - the stage's public names
 from slatflow.quarantine import clear_failure, record_failure
 from slatflow.stages import INGEST
@@ -39,9 +40,6 @@ ASSET_EXTENSIONS = frozenset(
 COMPANION_EXTENSIONS = frozenset(
     {".bin", ".mtl", ".png", ".jpg", ".jpeg", ".tga", ".bmp", ".tif", ".tiff", ".exr", ".hdr", ".webp", ".ktx2", ".dds"}
 )
-
-
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,14 +76,6 @@ def _read_instances(instances: str | list[str]) -> list[str]:
             raise ConfigError(f"source.instances: {instances!r} is not a file (give a list or a file path)")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(instances)
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(source: SourceConfig) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +33,18 @@ class OutputCheckError(OSError):
     """An output that does not read back as written, or breaks its contract; raised before the
     rename, so nothing is left under the final name. An OSError, so the stages' `cannot write`
     handling reports it; one that reads back unlike what was written carries EIO (the machine's)."""
+
+
+HASH_CHUNK = 1 << 20  # bytes read per update
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes: every asset's key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def written_by(path: str | os.PathLike) -> str:
