@@ -272,12 +272,12 @@ def main() -> None:
 
     # where the time goes
     views = sorted(probe.render_dir.glob("*.png"))
-    decode_cpu = timed(lambda: [decode_view(p, None, probe.sha256) for p in views[:20]], device) / 20
-    decode_resize_cpu = timed(lambda: [decode_view(p, 518, probe.sha256) for p in views[:20]], device) / 20
-    raw = torch.from_numpy(np.stack([decode_view(p, None, probe.sha256) for p in views])).to(device)
+    decode_cpu = timed(lambda: [decode_view(probe.sha256, p, None) for p in views[:20]], device) / 20
+    decode_resize_cpu = timed(lambda: [decode_view(probe.sha256, p, 518) for p in views[:20]], device) / 20
+    raw = torch.from_numpy(np.stack([decode_view(probe.sha256, p, None) for p in views])).to(device)
     lanczos_resize_rgba(raw[:2], 518)  # warm-up
     resize_s = timed(lambda: lanczos_resize_rgba(raw, 518), device)
-    pil = np.stack([decode_view(p, 518, probe.sha256) for p in views[:8]])
+    pil = np.stack([decode_view(probe.sha256, p, 518) for p in views[:8]])
     report["device_resize_bit_exact"] = bool((lanczos_resize_rgba(raw[:8], 518).cpu().numpy() == pil).all())
     compress_s = timed(lambda: np.savez_compressed(args.out / "probe.npz", indices=out_fp32.features.indices,
                                                    patchtokens=out_fp32.features.patchtokens), device)

@@ -54,7 +54,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_features import cosine, make_assets, run_trellis, vit_flops, with_outputs  # noqa: E402
+from bench_features import cosine, make_assets, run_trellis, vit_flops  # noqa: E402
 from features_fixtures import TINY_ARCH, random_official_state_dict, reference_model  # noqa: E402
 from latents_fixtures import TINY_SLAT_ARGS, TINY_SS_ARGS, random_patchtokens, surface_voxels  # noqa: E402
 
@@ -295,9 +295,9 @@ def npz_levels(arrays: dict, out: Path, report: dict) -> None:
 
 def decode_timing(render_dir: Path, workers: int, report: dict) -> None:
     views = sorted(render_dir.glob("*.png"))
-    one = median_seconds(lambda: [decode_view(p, None, "x") for p in views], torch.device("cpu"), repeats=1)
+    one = median_seconds(lambda: [decode_view("x", p, None) for p in views], torch.device("cpu"), repeats=1)
     with ThreadPoolExecutor(workers) as pool:
-        many = median_seconds(lambda: list(pool.map(lambda p: decode_view(p, None, "x"), views)),
+        many = median_seconds(lambda: list(pool.map(lambda p: decode_view("x", p, None), views)),
                               torch.device("cpu"), repeats=3)
     report.update(decode_1_thread_s=one, decode_pool_s=many, decode_workers=workers, decode_views=len(views))
 
@@ -383,7 +383,7 @@ def main() -> None:
     report["tflop_per_asset"] = vit_flops(arch, image_size) * args.views / 1e12
 
     # model only
-    raw = torch.from_numpy(np.stack([decode_view(p, None, "x") for p in sorted(jobs[0].render_dir.glob("*.png"))]))
+    raw = torch.from_numpy(np.stack([decode_view("x", p, None) for p in sorted(jobs[0].render_dir.glob("*.png"))]))
     views_u8 = lanczos_resize_rgba(raw.to(device), image_size)
     print(f"model only, {args.views} views ({report['tflop_per_asset']:.1f} TFLOP):", flush=True)
     model_steps(extractor, views_u8, args, report)

@@ -122,7 +122,7 @@ def time_file_to_file(name: str, resolution: int, repeats: int, work: Path) -> d
     def trellis() -> None:
         write_points_ply(trellis_path, trellis_voxelize_file(mesh_path, resolution))
 
-    runs = {"slatflow": lambda: voxelize_asset(mesh_path, ours_path, "bench", resolution), "trellis": trellis}
+    runs = {"slatflow": lambda: voxelize_asset("bench", mesh_path, ours_path, resolution), "trellis": trellis}
     times: dict[str, list[float]] = {"slatflow": [], "trellis": []}
     for repeat in range(repeats + 1):  # the first round warms the file cache, not timed
         order = ("slatflow", "trellis") if repeat % 2 == 0 else ("trellis", "slatflow")

@@ -125,7 +125,7 @@ def vit(args, out):
     model = model_from_official_state_dict(state, arch).cuda().eval()
     flops = vit_flops(arch, 518) * 150
     jobs = make_assets(out / "data", 2, 150, 512, 0.48)
-    raw = torch.from_numpy(np.stack([decode_view(p, None, "x") for p in sorted(jobs[0].render_dir.glob("*.png"))]))
+    raw = torch.from_numpy(np.stack([decode_view("x", p, None) for p in sorted(jobs[0].render_dir.glob("*.png"))]))
     views = lanczos_resize_rgba(raw.cuda(), 518)
     mean = torch.tensor((0.485, 0.456, 0.406), device="cuda").view(3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225), device="cuda").view(3, 1, 1)

@@ -3,11 +3,15 @@
 # the logic in slatflow/features.py.
 
 
-register_stage_target(
-    "features",
-    out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"),
-    after=["renders", "voxels"],
-)
+register_stage_target("features", out(f"features/{FEATURE_MODEL}/{{sha256}}.npz"))
+
+# The renders and voxels, and with the visibility mean the mesh it rasterizes: patterns,
+# fixed at parse time (a function would cost Snakemake a call and a signature per job).
+FEATURE_INPUTS = {
+    "transforms": out("renders/{sha256}/transforms.json"),
+    "voxels": out("voxels/{sha256}.ply"),
+    **({"mesh": out("renders/{sha256}/mesh.ply")} if FEATURES.visibility else {}),
+}
 
 
 rule extract_features:
@@ -23,9 +27,9 @@ rule extract_features:
         "../envs/torch.yaml"
     threads: config["features"]["threads"]  # PNG decode threads beside the model (schema)
     resources:
-        gpu_slot=FEATURE_GPU_SLOT,
+        gpu_slot=GPU_SLOT.features,
     params:
-        settings=feature_params(),
+        settings=FEATURES.output_settings(),
     script:
         "../scripts/extract_features.py"
 

@@ -4,18 +4,12 @@
 # slatflow/geometry.py, slatflow/quality.py and slatflow/report.py.
 
 
-register_stage_target("meshes", out("meshes/{sha256}.ply"), after=["renders"])
-register_stage_target(
-    "sdf",
-    out("sdf/{sha256}.npz"),
-    in_all=config["meshes"]["sdf"]["enabled"],
-    after=["meshes"],
-)
-register_stage_target(
-    "quality", out("quality/{sha256}.json"), after=["renders", "voxels", "meshes"]
-)
+register_stage_target("meshes", out("meshes/{sha256}.ply"))
+# in `all` while meshes.sdf.enabled (the stage table's enabled_by)
+register_stage_target("sdf", out("sdf/{sha256}.npz"))
+register_stage_target("quality", out("quality/{sha256}.json"))
 # No files of its own: asking for the report asks for the quality records it shows.
-register_stage_target("report", in_all=False, after=["quality"])
+register_stage_target("report")
 
 
 rule extract_mesh:
@@ -50,7 +44,7 @@ rule sample_sdf:
         "../envs/geometry.yaml"
     threads: 2  # libigl's distances run on this many threads
     params:
-        settings=sdf_sample_params(),
+        settings=sdf_params(config),
     script:
         "../scripts/sample_sdf.py"
 
@@ -71,7 +65,7 @@ rule quality_check:
         "../envs/geometry.yaml"
     threads: 2  # libigl's point-to-mesh distances run on this many threads
     params:
-        settings=quality_params(),
+        settings=quality_params(config),
     script:
         "../scripts/quality_check.py"
 

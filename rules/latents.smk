@@ -2,15 +2,9 @@
 # Names and helpers are in rules/common.smk (--- latents); the logic in slatflow/latents.py.
 
 
-register_stage_target(
-    "ss_latents", out(f"ss_latents/{SS_LATENT_NAME}/{{sha256}}.npz"), after=["voxels"]
-)
-register_stage_target(
-    "latents", out(f"latents/{SLAT_LATENT_NAME}/{{sha256}}.npz"), after=["features"]
-)
-register_stage_target(
-    "latent_stats", out(f"latents/{SLAT_LATENT_NAME}/stats.json"), after=["latents"]
-)
+register_stage_target("ss_latents", out(f"ss_latents/{SS_LATENT_NAME}/{{sha256}}.npz"))
+register_stage_target("latents", out(f"latents/{SLAT_LATENT_NAME}/{{sha256}}.npz"))
+register_stage_target("latent_stats", out(f"latents/{SLAT_LATENT_NAME}/stats.json"))
 
 
 rule encode_ss_latent:
@@ -26,9 +20,9 @@ rule encode_ss_latent:
         "../envs/torch.yaml"
     threads: config["latents"]["threads"]  # torch CPU threads of a CPU run (schema)
     resources:
-        gpu_slot=LATENT_GPU_SLOT,
+        gpu_slot=GPU_SLOT.latents,
     params:
-        encoder=latent_encoder_params("ss"),
+        encoder=LATENTS.output_settings("ss"),
     script:
         "../scripts/encode_ss_latent.py"
 
@@ -46,9 +40,9 @@ rule encode_slat_latent:
         "../envs/torch.yaml"
     threads: config["latents"]["threads"]  # torch CPU threads of a CPU run (schema)
     resources:
-        gpu_slot=LATENT_GPU_SLOT,
+        gpu_slot=GPU_SLOT.latents,
     params:
-        encoder=latent_encoder_params("slat"),
+        encoder=LATENTS.output_settings("slat"),
     script:
         "../scripts/encode_slat_latent.py"
 

@@ -2,15 +2,8 @@
 # Settings and helpers are in rules/common.smk (--- render); the logic in slatflow/render.py.
 
 
-register_stage_target(
-    "renders", out("renders/{sha256}/transforms.json"), after=["downloads"]
-)
-register_stage_target(
-    "renders_cond",
-    out("renders_cond/{sha256}/transforms.json"),
-    in_all=False,
-    after=["downloads"],
-)
+register_stage_target("renders", out("renders/{sha256}/transforms.json"))
+register_stage_target("renders_cond", out("renders_cond/{sha256}/transforms.json"))
 
 
 rule render_views:
@@ -30,9 +23,9 @@ rule render_views:
         "../envs/blender.yaml"
     threads: config["render"]["threads"]  # Blender's render threads (schema: render.threads)
     resources:
-        gpu_slot=RENDER_GPU_SLOT,
+        gpu_slot=GPU_SLOT.render,
     params:
-        settings=render_params(),
+        settings=RENDER.output_settings(),
     script:
         "../scripts/render_views.py"
 
@@ -52,9 +45,12 @@ rule render_cond:
         "../envs/blender.yaml"
     threads: config["render"]["threads"]  # Blender's render threads (schema: render.threads)
     resources:
-        gpu_slot=RENDER_GPU_SLOT,
+        gpu_slot=GPU_SLOT.render,
     params:
-        settings=render_cond_params(),
+        settings={
+            "render": RENDER.output_settings(),
+            "cond": RENDER_COND.output_settings(),
+        },
     script:
         "../scripts/render_cond.py"
 

@@ -3,7 +3,7 @@
 # metadata.csv's num_voxels is the voxel file's vertex count.
 
 
-register_stage_target("voxels", out("voxels/{sha256}.ply"), after=["renders"])
+register_stage_target("voxels", out("voxels/{sha256}.ply"))
 
 
 rule voxelize_mesh:

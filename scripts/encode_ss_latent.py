@@ -1,10 +1,13 @@
 """Snakemake adapter: encode one asset's voxels into its sparse-structure latent."""
 
+from pathlib import Path
+
+from slatflow.latents import LatentJob
 from slatflow.workflow import run_model_job
 
 run_model_job(
     snakemake,
     "ss_latent",
     {"latents": snakemake.config["latents"], "threads": snakemake.threads},
-    {"sha256": snakemake.wildcards.sha256, "source": snakemake.input[0], "output": snakemake.output[0]},
+    LatentJob(snakemake.wildcards.sha256, Path(snakemake.input[0]), Path(snakemake.output[0])),
 )

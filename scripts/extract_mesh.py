@@ -14,7 +14,7 @@ run_asset_job(
         snakemake.wildcards.sha256,
         snakemake.input[0],
         snakemake.output[0],
-        snakemake.params.resolution,
-        snakemake.params.method,
+        snakemake.config["meshes"]["resolution"],
+        snakemake.config["meshes"]["marching_cubes"],
     ),
 )

@@ -19,6 +19,7 @@ run_asset_job(
         watertight_mesh=snakemake.input.mesh,
         voxels=snakemake.input.voxels,
         render_dir=Path(snakemake.input.renders).parent,
-        settings=QualitySettings.from_config(snakemake.params.settings),
+        settings=QualitySettings.from_config(snakemake.config["quality"]),
+        voxel_resolution=snakemake.config["voxelize"]["resolution"],
     ),
 )

@@ -8,4 +8,10 @@ configure_job_logging(snakemake.log[0])
 out_dir = snakemake.config["output_dir"]
 # the table is derived afresh: metadata.csv may predate this run's quality records
 metadata = build_metadata(out_dir, snakemake.input.manifest, ModelNames.from_config(snakemake.config))
-write_report(snakemake.output[0], out_dir, metadata=metadata, num_previews=snakemake.params.num_previews)
+write_report(
+    snakemake.output[0],
+    out_dir,
+    metadata=metadata,
+    num_previews=snakemake.config["quality"]["num_previews"],
+    voxel_resolution=snakemake.config["voxelize"]["resolution"],
+)

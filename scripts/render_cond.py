@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from slatflow.render import CondSettings, RenderAsset, RenderSettings, raise_failures, render_cond_views
+from slatflow.render import CondSettings, RenderAsset, RenderSettings, render_cond_views
+from slatflow.errors import raise_first_failure
 from slatflow.workflow import raster_worker_client, run_asset_job
 
 settings = RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads)
 run_asset_job(
     snakemake,
     "render_cond",
-    lambda: raise_failures(
+    lambda: raise_first_failure(
         render_cond_views(
             [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
             Path(snakemake.output[0]).parent.parent,

@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from slatflow.render import RenderAsset, RenderSettings, raise_failures, render_views
+from slatflow.render import RenderAsset, RenderSettings, render_views
+from slatflow.errors import raise_first_failure
 from slatflow.workflow import raster_worker_client, run_asset_job
 
 settings = RenderSettings.from_config(snakemake.config["render"], threads=snakemake.threads)
 run_asset_job(
     snakemake,
     "render",
-    lambda: raise_failures(
+    lambda: raise_first_failure(
         render_views(
             [RenderAsset(snakemake.wildcards.sha256, Path(snakemake.input[0]))],
             Path(snakemake.output.transforms).parent.parent,

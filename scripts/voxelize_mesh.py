@@ -7,9 +7,9 @@ run_asset_job(
     snakemake,
     "voxelize",
     lambda: voxelize_asset(
+        snakemake.wildcards.sha256,
         snakemake.input[0],
         snakemake.output[0],
-        snakemake.wildcards.sha256,
-        snakemake.params.resolution,
+        snakemake.config["voxelize"]["resolution"],
     ),
 )

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
 from slatflow.errors import ConfigError
+from slatflow.grid import MAX_UINT8_RESOLUTION, TRELLIS_RESOLUTION
 from slatflow.ingest import parse_shard
+from slatflow.stages import ALL_TARGET, STAGE_BY_NAME, STAGE_BY_TARGET, STAGES
 
 
 def _key_path(error) -> str:
@@ -61,3 +64,46 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
                 problems.append(f"source.csv_dir: {str(folder)!r} has no {subset}.csv (leave csv_dir empty to download it)")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+# The stages that read the voxel grid in a form that limits it: TRELLIS's released encoders
+# read 64^3 only; the features' `indices` and the SLat latents' `coords` are uint8.
+_TRELLIS_GRID_STAGES = ("ss_latent", "slat_latent", "latent_stats")
+_UINT8_INDEX_STAGES = ("features", "slat_latent", "latent_stats")
+
+
+def built_stages(config: dict, targets: Iterable[str]) -> set[str]:
+    """The stages a run of these command-line targets builds (`all`'s when it names none),
+    with every stage they are built from."""
+    named = set(targets)
+    if not named or ALL_TARGET in named:
+        pending = [stage.name for stage in STAGES if stage.target and stage.in_all_for(config)]
+    else:
+        pending = [STAGE_BY_TARGET[name].name for name in named if name in STAGE_BY_TARGET]
+    built: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name not in built:
+            built.add(name)
+            pending.extend(STAGE_BY_NAME[name].upstream)
+    return built
+
+
+def check_voxel_grid(config: dict, targets: Iterable[str]) -> None:
+    """Raise ConfigError (one line) when the run's stages cannot use `voxelize.resolution`.
+
+    Asked once the targets are known (Snakemake has them when it builds the DAG, not when
+    it parses the workflow), before any job: a voxels, features or meshes run may use
+    another grid; the latent stages may not.
+    """
+    resolution = config["voxelize"]["resolution"]
+    built = built_stages(config, targets)
+    if resolution > MAX_UINT8_RESOLUTION and built.intersection(_UINT8_INDEX_STAGES):
+        stages = ", ".join(s for s in _UINT8_INDEX_STAGES if s in built)
+        raise ConfigError(f"voxelize.resolution: {resolution}, but the {stages} stage(s) store voxel indices as uint8 "
+                          f"(a grid of at most {MAX_UINT8_RESOLUTION})")
+    if resolution != TRELLIS_RESOLUTION and built.intersection(_TRELLIS_GRID_STAGES):
+        stages = ", ".join(s for s in _TRELLIS_GRID_STAGES if s in built)
+        raise ConfigError(f"voxelize.resolution: {resolution}, but the {stages} stage(s) need TRELLIS's "
+                          f"{TRELLIS_RESOLUTION}^3 grid (its released encoders read no other); set "
+                          f"{TRELLIS_RESOLUTION}, or ask only for targets before them (voxels, features, meshes, quality)")

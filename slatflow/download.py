@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from slatflow.errors import AccessDenied, AssetError, ConfigError, DownloadError, HashMismatch
-from slatflow.ingest import sha256_of_file
-from slatflow.io import file_lock, write_json_atomic
+from slatflow.io import file_lock, sha256_of_file, write_json_atomic
+from slatflow.stages import DOWNLOAD
 from slatflow.trellis500k import (
     ABO,
     ABO_MEMBER_PREFIX,
@@ -40,7 +40,7 @@ from slatflow.trellis500k import (
 
 logger = logging.getLogger(__name__)
 
-STAGE = "download"
+STAGE = DOWNLOAD.name
 ABO_STAGING = "raw/ABO/.staged"
 
 
@@ -230,20 +230,6 @@ def fetch_asset(
         raise AssetError(source.sha256, f"{source.subset} {source.file_identifier}: {exc}", STAGE) from None
     logger.info("asset %s: %s %s -> %s (%d bytes)", source.sha256, source.subset, source.file_identifier, dest, dest.stat().st_size)
     return dest
-
-
-def download_assets(
-    sources: Sequence[AssetSource], dests: Sequence[str | os.PathLike], settings: DownloadSettings, out_dir: str | os.PathLike
-) -> dict[str, AssetError]:
-    """Fetch many assets; one that fails never stops the others. Returns sha256 -> its error."""
-    failures = {}
-    for source, dest in zip(sources, dests, strict=True):
-        try:
-            fetch_asset(source, dest, settings, out_dir)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            failures[source.sha256] = exc
-    return failures
 
 
 def run_abo_archive_pass(

@@ -9,8 +9,10 @@ quarantine record, so the next run retries the asset.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+from typing import Iterable, Sequence
 
 
 class AssetError(Exception):
@@ -28,6 +30,35 @@ class AssetError(Exception):
         self.stage = stage
         where = f"{stage}: " if stage else ""
         super().__init__(f"asset {sha256}: {where}{reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AssetOutcome:
+    """What a stage's batch function did with one asset: done (`error` None) or failed.
+
+    Every batch function (`render_views`, `FeatureExtractor.run`, `encode_*_latents`) returns
+    one per asset, in the order it was given them; a stage's own result type adds its figures.
+    """
+
+    sha256: str
+    error: AssetError | None = None
+
+
+def failures(outcomes: Iterable[AssetOutcome]) -> dict[str, AssetError]:
+    """The failed assets of a batch, by sha256."""
+    return {outcome.sha256: outcome.error for outcome in outcomes if outcome.error is not None}
+
+
+def raise_first_failure(outcomes: Iterable[AssetOutcome]) -> None:
+    """Raise the first failure's AssetError (a per-asset job has one outcome)."""
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+
+
+def outcomes_in_order(sha256s: Sequence[str], failed: dict[str, AssetError]) -> list[AssetOutcome]:
+    """One outcome per asset from a batch's failures by sha256."""
+    return [AssetOutcome(sha256, failed.get(sha256)) for sha256 in sha256s]
 
 
 class ConfigError(Exception):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from slatflow.errors import ConfigError
+from slatflow.grid import MAX_UINT8_RESOLUTION, TRELLIS_RESOLUTION
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class FeatureSettings:
         compile: `torch.compile` the bf16 model's block (a one-off cost per model worker).
         cuda_graph: replay the bf16 model's forward as a CUDA graph per batch shape.
         deflate_level: zlib level of the npz files (0 stores the arrays in stored deflate blocks).
+        voxel_resolution: the voxel grid's side (`voxelize.resolution`): the voxel files'
+            indices; the features' `indices` are uint8, so at most MAX_UINT8_RESOLUTION.
     """
 
     model: str = "dinov2_vitl14_reg"
@@ -129,6 +132,7 @@ class FeatureSettings:
     compile: bool = True
     cuda_graph: bool = True
     deflate_level: int = 0
+    voxel_resolution: int = TRELLIS_RESOLUTION
 
     def __post_init__(self):
         arch = resolve_arch(self.model)
@@ -139,6 +143,9 @@ class FeatureSettings:
                 raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.deflate_level <= 9:
             raise ConfigError(f"features.deflate_level must be in 0..9, got {self.deflate_level}")
+        if not 1 <= self.voxel_resolution <= MAX_UINT8_RESOLUTION:
+            raise ConfigError(f"voxelize.resolution {self.voxel_resolution}: the features' uint8 indices "
+                              f"hold a grid of at most {MAX_UINT8_RESOLUTION}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"features.dtype {self.dtype!r} is not one of auto, float32, bfloat16")
         if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):
@@ -151,17 +158,20 @@ class FeatureSettings:
                               f"use {HUB_IDS[self.model]}")
 
     @classmethod
-    def from_config(cls, section: dict, threads: int | None = None) -> "FeatureSettings":
+    def from_config(
+        cls, section: dict, threads: int | None = None, voxel_resolution: int = TRELLIS_RESOLUTION
+    ) -> "FeatureSettings":
         """Settings from the config's `features:` section (schema-validated keys).
 
         Args:
             section: `config["features"]`; `threads` there is the rule's thread count.
             threads: the job's threads (decode workers); defaults to the section's.
+            voxel_resolution: `config["voxelize"]["resolution"]`, the grid the voxels are on.
         """
         values = dict(section)
         configured_threads = values.pop("threads", None)
         values["decode_workers"] = threads or configured_threads or cls.decode_workers
-        return cls(**values)
+        return cls(**values, voxel_resolution=voxel_resolution)
 
     def output_settings(self) -> dict:
         """What changes the output files: the rule's params (a change re-runs the assets)."""

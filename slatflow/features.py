@@ -38,7 +38,7 @@ import numpy as np
 
 from slatflow import cameras
 from slatflow.dinov2 import FusedDinov2, LoadedDinov2, load_dinov2, prenorm_patch_tokens
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, AssetOutcome, ConfigError
 from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's public names
     PROVENANCE_FILE,
     TRELLIS_IMAGE_SIZE,
@@ -46,17 +46,18 @@ from slatflow.feature_settings import (  # noqa: F401 - re-exported: the stage's
     read_random_weights_flags,
     resolve_arch,
 )
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32
+from slatflow.stages import FEATURES
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-STAGE = "features"
-GRID_RESOLUTION = 64  # voxel grid side; voxel centres are (i + 0.5) / 64 - 0.5
+STAGE = FEATURES.name
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Depth maps for the visibility test: a voxel spans about 2.8 pixels at 256^2 (FOV 40 deg,
@@ -64,7 +65,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VISIBILITY_DEPTH_RESOLUTION = 256
 # A voxel centre lies up to half a voxel diagonal behind the surface it was made from;
 # one full diagonal of slack also keeps surfaces seen up to ~60 deg off-normal visible.
-VISIBILITY_DEPTH_TOLERANCE = math.sqrt(3) / GRID_RESOLUTION
+VISIBILITY_DEPTH_TOLERANCE_VOXELS = math.sqrt(3)
 # Requests a features worker serves at once: one asset on the device while others decode
 # their views or compress their outputs (each ~1 CPU-s per asset; the workflow runs up to
 # 8 model jobs side by side, rules/common.smk).
@@ -89,13 +90,22 @@ class FeatureJob:
     voxels_path: Path
     output_path: Path | None = None
 
+    def to_request(self) -> dict:
+        """The job as a model worker's request (JSON)."""
+        return {"sha256": self.sha256, "render_dir": str(self.render_dir), "voxels": str(self.voxels_path),
+                "output": str(self.output_path)}
+
+    @classmethod
+    def from_request(cls, request: dict) -> "FeatureJob":
+        return cls(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
+
 
 @dataclass
 class AssetFeatures:
     """The features of one asset.
 
     Attributes:
-        indices: uint8 (N, 3), voxel grid indices (x, y, z) in [0, 64).
+        indices: uint8 (N, 3), voxel grid indices (x, y, z) in [0, voxel_resolution).
         patchtokens: float16 (N, D), the mean feature of each voxel (TRELLIS's output).
         mean: float32 (N, D), the same before the float16 cast (for tests and comparisons).
         num_views: views averaged.
@@ -111,15 +121,17 @@ class AssetFeatures:
     random_weights: bool = False
 
 
-@dataclass
-class FeatureOutcome:
+@dataclass(frozen=True, kw_only=True)
+class FeatureOutcome(AssetOutcome):
     """What happened to one job: written (`error` None) or failed with a one-line reason."""
 
-    sha256: str
     output_path: Path | None
     seconds: float
-    error: AssetError | None = None
     features: AssetFeatures | None = None
+
+
+def _failed(job: FeatureJob, error: AssetError, started: float) -> FeatureOutcome:
+    return FeatureOutcome(job.sha256, error, output_path=job.output_path, seconds=time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ class ViewFrame:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFrame]:
+def read_view_frames(sha256: str, render_dir: str | os.PathLike) -> list[ViewFrame]:
     """Read and check transforms.json against the PNGs beside it.
 
     Raises:
@@ -154,7 +166,7 @@ def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFra
     frames = transforms.get("frames") if isinstance(transforms, dict) else None
     if not isinstance(frames, list) or not frames:
         raise AssetError(sha256, f"{transforms_path} has no 'frames' list (expected one entry per view)", STAGE)
-    views = [_parse_frame(frame, i, render_dir, transforms_path, sha256) for i, frame in enumerate(frames)]
+    views = [_parse_frame(sha256, frame, i, render_dir, transforms_path) for i, frame in enumerate(frames)]
     listed = [view.path.name for view in views]
     if len(set(listed)) != len(listed):
         duplicates = sorted({name for name in listed if listed.count(name) > 1})
@@ -174,7 +186,7 @@ def read_view_frames(render_dir: str | os.PathLike, sha256: str) -> list[ViewFra
     return views
 
 
-def _parse_frame(frame, index: int, render_dir: Path, transforms_path: Path, sha256: str) -> ViewFrame:
+def _parse_frame(sha256: str, frame, index: int, render_dir: Path, transforms_path: Path) -> ViewFrame:
     where = f"{transforms_path} frame {index}"
     if not isinstance(frame, dict):
         raise AssetError(sha256, f"{where} is not an object", STAGE)
@@ -195,7 +207,7 @@ def _parse_frame(frame, index: int, render_dir: Path, transforms_path: Path, sha
     return ViewFrame(render_dir / file_path, c2w, fov)
 
 
-def decode_view(path: Path, image_size: int | None, sha256: str) -> np.ndarray:
+def decode_view(sha256: str, path: Path, image_size: int | None) -> np.ndarray:
     """Open a view PNG and resize it as TRELLIS does (PIL LANCZOS on the RGBA image).
 
     PIL resizes RGBA through premultiplied RGBa and rounds to 8 bits; PIL itself, or
@@ -337,8 +349,8 @@ def lanczos_resize_rgba(images: "torch.Tensor", size: int) -> "torch.Tensor":
     return torch.cat([rgb, alpha], dim=-1).to(torch.uint8)
 
 
-def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
-    """Read voxel centres and check they lie in the 64^3 grid.
+def load_voxels(sha256: str, path: str | os.PathLike, resolution: int = TRELLIS_RESOLUTION) -> np.ndarray:
+    """Read voxel centres and check they lie in the resolution^3 grid.
 
     Returns:
         float32 (N, 3), voxel centres in the normalized [-0.5, 0.5]^3 frame, Z up.
@@ -357,20 +369,15 @@ def load_voxels(path: str | os.PathLike, sha256: str) -> np.ndarray:
         raise AssetError(sha256, f"cannot read voxel PLY {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from None
     if len(positions) == 0:
         raise AssetError(sha256, f"voxel file {path} has no points", STAGE)
-    grid = (positions + np.float32(0.5)) * np.float32(GRID_RESOLUTION)  # (N, 3), TRELLIS's float32 math
-    outside = ~(np.isfinite(grid).all(axis=1) & (grid >= 0).all(axis=1) & (grid < GRID_RESOLUTION).all(axis=1))
+    finite = np.isfinite(positions).all(axis=1)  # (N,); a NaN has no index to compute
+    outside = ~finite
+    outside[finite] = outside_grid(voxel_indices(positions[finite], resolution), resolution)
     if outside.any():
         first = [round(float(c), 5) for c in positions[np.argmax(outside)]]
         raise AssetError(
             sha256, f"{int(outside.sum())} of {len(positions)} voxels in {path} lie outside the grid "
             f"[-0.5, 0.5)^3 (first: {first})", STAGE)
     return positions
-
-
-def voxel_indices(positions: np.ndarray) -> np.ndarray:
-    """uint8 (N, 3): grid indices of voxel centres, `int((p + 0.5) * 64)` as TRELLIS computes them."""
-    grid = (positions.astype(np.float32) + np.float32(0.5)) * np.float32(GRID_RESOLUTION)
-    return grid.astype(np.int64).astype(np.uint8)
 
 
 def projection_matrices(views: list[ViewFrame]) -> np.ndarray:
@@ -408,7 +415,7 @@ def project_to_grid(points: "torch.Tensor", projection: "torch.Tensor") -> tuple
 # ----------------------------------------------------------------------------------------------
 
 
-def load_mesh(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+def load_mesh(sha256: str, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read the render's mesh.ply.
 
     Returns:
@@ -502,7 +509,7 @@ def _rasterize_group(depth_view, tri_xy, tri_z, lo, hi, side, resolution) -> Non
 
 def visibility_weights(
     grid: "torch.Tensor", depth: "torch.Tensor", depth_maps: "torch.Tensor",
-    tolerance: float = VISIBILITY_DEPTH_TOLERANCE,
+    tolerance: float = VISIBILITY_DEPTH_TOLERANCE_VOXELS / TRELLIS_RESOLUTION,
 ) -> "torch.Tensor":
     """1 where a voxel is inside a view's frustum and not behind the surface, else 0.
 
@@ -695,7 +702,8 @@ class FeatureExtractor:
             grid, depth = project_to_grid(points, projection[start:stop])  # (B, N, 2), (B, N)
             weights = None
             if depth_maps is not None:
-                weights = visibility_weights(grid, depth, depth_maps[start:stop])  # (B, N)
+                tolerance = VISIBILITY_DEPTH_TOLERANCE_VOXELS / self.settings.voxel_resolution
+                weights = visibility_weights(grid, depth, depth_maps[start:stop], tolerance)  # (B, N)
                 seen += weights.sum(0)
             chunk = max(1, (self.settings.sample_memory_mb << 20) // (4 * self.embed_dim * (stop - start)))
             for lo in range(0, num_voxels, chunk):
@@ -733,7 +741,7 @@ class FeatureExtractor:
             logger.info("asset %s: %d of %d voxels seen by no view; they take the all-view mean",
                         asset.job.sha256, int(result.unseen), len(mean))
         return AssetFeatures(
-            indices=voxel_indices(asset.positions),
+            indices=voxel_indices(asset.positions, self.settings.voxel_resolution).astype(np.uint8),
             patchtokens=result.patchtokens.numpy(),
             mean=mean,
             num_views=len(asset.views),
@@ -758,11 +766,11 @@ class FeatureExtractor:
     # -- many assets, streamed ------------------------------------------------------------------
 
     def _prepare(self, job: FeatureJob, decoder: ThreadPoolExecutor) -> _PreparedAsset:
-        views = read_view_frames(job.render_dir, job.sha256)
-        positions = load_voxels(job.voxels_path, job.sha256)
-        mesh = load_mesh(Path(job.render_dir) / "mesh.ply", job.sha256) if self.settings.visibility else None
+        views = read_view_frames(job.sha256, job.render_dir)
+        positions = load_voxels(job.sha256, job.voxels_path, self.settings.voxel_resolution)
+        mesh = load_mesh(job.sha256, Path(job.render_dir) / "mesh.ply") if self.settings.visibility else None
         size = None if self.resize_on_device else self.settings.image_size
-        images = [decoder.submit(decode_view, view.path, size, job.sha256) for view in views]
+        images = [decoder.submit(decode_view, job.sha256, view.path, size) for view in views]
         return _PreparedAsset(job, views, images, positions, projection_matrices(views), mesh)
 
     def run(self, jobs: Iterable[FeatureJob], keep_features: bool = False) -> list[FeatureOutcome]:
@@ -815,7 +823,7 @@ class FeatureExtractor:
                         asset.cancel()
                     refill()
                     logger.error("asset %s failed: %s", job.sha256, exc.reason)
-                    outcomes.append(FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc))
+                    outcomes.append(_failed(job, exc, started))
                     continue
                 outcomes.append(saver.submit(self._finish, job, features, started, keep_features))
             results = [o.result() if isinstance(o, Future) else o for o in outcomes]
@@ -845,7 +853,7 @@ class FeatureExtractor:
             if asset is not None:
                 asset.cancel()
             logger.error("asset %s failed: %s", job.sha256, exc.reason)
-            return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, exc)
+            return _failed(job, exc, started)
         return self._finish(job, features, started, keep_features)
 
     def _decode_pool(self) -> ThreadPoolExecutor:
@@ -870,11 +878,13 @@ class FeatureExtractor:
                 write_features(job.output_path, features, self.settings.visibility, self.settings.deflate_level)
             except OSError as exc:
                 error = AssetError(job.sha256, f"cannot write {job.output_path}: {exc}", STAGE)
-                return FeatureOutcome(job.sha256, job.output_path, time.perf_counter() - started, error)
+                return _failed(job, error, started)
         seconds = time.perf_counter() - started
         logger.info("asset %s: %d voxels x %d views -> %s (%.2f s)", job.sha256, len(features.indices),
                     features.num_views, job.output_path, seconds)
-        return FeatureOutcome(job.sha256, job.output_path, seconds, None, features if keep else None)
+        return FeatureOutcome(
+            job.sha256, output_path=job.output_path, seconds=seconds, features=features if keep else None
+        )
 
 
 # the TRELLIS contract's arrays, checked on the written file before it is renamed into place
@@ -900,17 +910,6 @@ def write_features(
     save_npz_atomic(path, contract=FEATURE_CONTRACT, compresslevel=deflate_level, **arrays)
 
 
-def extract_features(
-    jobs: Iterable[FeatureJob], settings: FeatureSettings, loaded: LoadedDinov2 | None = None
-) -> list[FeatureOutcome]:
-    """Load the model once and write `features/<name>/<sha256>.npz` for each job.
-
-    Returns:
-        One outcome per job; a bad asset has its `AssetError` there, the others are written.
-    """
-    return FeatureExtractor(settings, loaded).run(jobs)
-
-
 def worker_service(settings: dict) -> Callable[[dict], None]:
     """A model worker's handler (slatflow.worker): the model loaded once, then one asset per
     request `{"sha256", "render_dir", "voxels", "output"}`.
@@ -927,21 +926,9 @@ def request_handler(extractor: FeatureExtractor) -> Callable[[dict], None]:
     def handle(request: dict) -> None:
         if extractor.loaded.random_weights:  # loaded once, but every asset's log must say it
             warn_random_weights(logger, extractor.settings.model)
-        job = FeatureJob(request["sha256"], Path(request["render_dir"]), Path(request["voxels"]), Path(request["output"]))
-        outcome = extractor.process(job)
+        outcome = extractor.process(FeatureJob.from_request(request))
         if outcome.error is not None:
             raise outcome.error
 
     handle.concurrency = WORKER_REQUESTS_AT_ONCE
     return handle
-
-
-def extract_feature_files(jobs: Iterable[FeatureJob], settings: FeatureSettings) -> None:
-    """`extract_features` for a Snakemake job: every asset is tried, then the first failure raised.
-
-    Raises:
-        AssetError: an asset could not be processed.
-    """
-    failures = [outcome.error for outcome in extract_features(jobs, settings) if outcome.error is not None]
-    if failures:
-        raise failures[0]

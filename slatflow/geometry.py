@@ -23,10 +23,12 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
+
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
+from slatflow.stages import MESHES, QUALITY, SDF
 
 logger = logging.getLogger(__name__)
 
@@ -451,7 +453,7 @@ class VoxelSDF:
     def __init__(
         self,
         indices: np.ndarray,
-        resolution: int = 64,
+        resolution: int = TRELLIS_RESOLUTION,
         fill_interior: bool = True,
         truncation: float | None = None,
     ):
@@ -560,7 +562,7 @@ def watertight_mesh(
 
 def voxel_mesh(
     indices: np.ndarray,
-    resolution: int = 64,
+    resolution: int = TRELLIS_RESOLUTION,
     level_voxels: float = -0.45,
     samples_per_voxel: int = 2,
     fill_interior: bool = True,
@@ -618,7 +620,7 @@ def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
 
     from slatflow.errors import AssetError
     from slatflow.io import OutputCheckError, atomic_path
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
     vertex = np.zeros(len(mesh.vertices), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     vertex["x"], vertex["y"], vertex["z"] = np.asarray(mesh.vertices, dtype=np.float32).T
@@ -630,7 +632,7 @@ def write_mesh_ply(path: str | os.PathLike, mesh: TriangleMesh) -> None:
     with atomic_path(path) as tmp:
         ply.write(str(tmp))
         try:
-            vertices, faces = read_mesh_ply(tmp, "")
+            vertices, faces = read_mesh_ply("", tmp, MESHES.name)  # the read-back of the writer
         except AssetError as exc:
             raise OutputCheckError(errno.EIO, f"{path} does not read back (Input/output error): {exc.reason}") from exc
         if len(vertices) != len(mesh.vertices) or not np.array_equal(faces, mesh.faces):
@@ -650,17 +652,17 @@ def extract_mesh_asset(
         AssetError: the source mesh cannot be read, or encloses nothing at this resolution.
     """
     from slatflow.errors import AssetError
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
-    vertices, faces = read_mesh_ply(mesh_path, sha256)
+    vertices, faces = read_mesh_ply(sha256, mesh_path, MESHES.name)
     if not np.isfinite(vertices).all():
-        raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", "meshes")
+        raise AssetError(sha256, f"mesh {mesh_path} has non-finite vertices", MESHES.name)
     mesh = watertight_mesh(vertices, faces, resolution=resolution, method=method)
     if len(mesh.faces) == 0:
         raise AssetError(
             sha256,
             f"mesh {mesh_path} encloses no volume at {resolution}^3 (flat or open everywhere?)",
-            "meshes",
+            MESHES.name,
         )
     write_mesh_ply(out_path, mesh)
     logger.info(
@@ -729,18 +731,15 @@ def sample_sdf_asset(
     """`sdf/<sha>.npz` (`points`, `sdf`) from the watertight `meshes/<sha>.ply`; the
     generator is seeded from `seed` and the sha256, so a rerun writes the same samples."""
     from slatflow.io import save_npz_atomic
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
-    mesh = TriangleMesh(*read_mesh_ply(mesh_path, sha256))
+    mesh = TriangleMesh(*read_mesh_ply(sha256, mesh_path, SDF.name))
     import hashlib
 
     rng = np.random.default_rng([seed, int(hashlib.sha256(sha256.encode()).hexdigest()[:16], 16)])
     samples = sample_sdf(mesh, num_near, num_uniform, near_std, uniform_bound, rng)
     save_npz_atomic(out_path, points=samples.points, sdf=samples.sdf)
     return samples
-
-
-VOXEL_GRID = 64  # TRELLIS's voxels/<sha>.ply grid
 
 
 def check_quality_asset(
@@ -751,6 +750,7 @@ def check_quality_asset(
     voxels: str | os.PathLike | None = None,
     render_dir: str | os.PathLike | None = None,
     settings: Any = None,
+    voxel_resolution: int = TRELLIS_RESOLUTION,
 ) -> dict:
     """Run the quality checks of one asset (slatflow.quality's metrics on this module's
     meshes) and write its record to `out_path` (JSON, atomically).
@@ -764,6 +764,7 @@ def check_quality_asset(
         render_dir: `renders/<sha>/`, or None.
         settings: a `quality.QualitySettings` (sample count, threshold, seed, flags);
             None for the defaults.
+        voxel_resolution: the grid of `voxels` (`voxelize.resolution`).
 
     Returns:
         The record: `mesh` and `voxels` (SurfaceMetrics fields or None), `masks`
@@ -776,12 +777,12 @@ def check_quality_asset(
     from slatflow.errors import AssetError
     from slatflow.io import read_ply_points, write_json_atomic, written_by
     from slatflow.quality import QualitySettings, render_mask_coverage, suspicious_reasons, surface_metrics
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
     settings = QualitySettings() if settings is None else settings
     seconds: dict[str, float] = {}
     record: dict = {"sha256": sha256, "mesh": None, "voxels": None, "masks": None, "num_voxels": None}
-    reference = TriangleMesh(*read_mesh_ply(source_mesh, sha256))
+    reference = TriangleMesh(*read_mesh_ply(sha256, source_mesh, QUALITY.name))
 
     def compare(name: str, checked: TriangleMesh) -> dict:
         start = time.perf_counter()
@@ -791,27 +792,27 @@ def check_quality_asset(
                 checked, reference, settings.num_samples, settings.fscore_threshold, rng
             )
         except ValueError as exc:
-            raise AssetError(sha256, f"{name}: {exc}", "quality") from exc
+            raise AssetError(sha256, f"{name}: {exc}", QUALITY.name) from exc
         seconds[name] = time.perf_counter() - start
         return metrics._asdict()
 
     if watertight_mesh is not None:
-        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(watertight_mesh, sha256)))
+        record["mesh"] = compare("mesh", TriangleMesh(*read_mesh_ply(sha256, watertight_mesh, QUALITY.name)))
     if voxels is not None:
         try:
             centres = read_ply_points(voxels)  # (N, 3) float32 voxel centres
         except Exception as exc:  # noqa: BLE001 - plyfile raises many types for a bad file
-            raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", "quality") from exc
-        indices = np.floor((centres.astype(np.float64) + 0.5) * VOXEL_GRID).astype(np.int64)  # (N, 3)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= VOXEL_GRID:
+            raise AssetError(sha256, f"cannot read voxels {written_by(voxels)}: {type(exc).__name__}: {exc}", QUALITY.name) from exc
+        indices = voxel_indices(centres, voxel_resolution)  # (N, 3)
+        if len(indices) == 0 or outside_grid(indices, voxel_resolution).any():
             raise AssetError(
                 sha256,
                 f"voxels {voxels}: {len(indices)} centres, expected >= 1 inside [-0.5, 0.5]^3",
-                "quality",
+                QUALITY.name,
             )
         record["num_voxels"] = int(len(indices))
         start = time.perf_counter()
-        rebuilt = voxel_mesh(indices, VOXEL_GRID, samples_per_voxel=settings.voxel_samples_per_voxel)
+        rebuilt = voxel_mesh(indices, voxel_resolution, samples_per_voxel=settings.voxel_samples_per_voxel)
         seconds["voxel_mesh"] = time.perf_counter() - start
         record["voxels"] = compare("voxels", rebuilt)
     if render_dir is not None:
@@ -828,33 +829,3 @@ def check_quality_asset(
     if record["suspicious"]:
         logger.warning("asset %s is suspicious: %s", sha256, "; ".join(record["suspicious"]))
     return record
-
-
-def check_quality_assets(
-    sha256s: Sequence[str],
-    out_dir: str | os.PathLike,
-    settings: Any = None,
-    with_mesh: bool = True,
-) -> list:
-    """Check many assets under OUT (inputs at their standard paths); a bad asset is logged
-    and returned as its error, never fatal. Writes `OUT/quality/<sha>.json` each."""
-    from slatflow.errors import AssetError
-
-    out_dir = Path(out_dir)
-    errors: list[AssetError | None] = []
-    for sha256 in sha256s:
-        try:
-            check_quality_asset(
-                sha256,
-                out_dir / "renders" / sha256 / "mesh.ply",
-                out_dir / "quality" / f"{sha256}.json",
-                watertight_mesh=out_dir / "meshes" / f"{sha256}.ply" if with_mesh else None,
-                voxels=out_dir / "voxels" / f"{sha256}.ply",
-                render_dir=out_dir / "renders" / sha256,
-                settings=settings,
-            )
-            errors.append(None)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            errors.append(exc)
-    return errors

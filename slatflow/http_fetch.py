@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from slatflow.errors import AccessDenied, DownloadError, HashMismatch
-from slatflow.ingest import sha256_of_file
-from slatflow.io import write_json_atomic
+from slatflow.io import sha256_of_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 

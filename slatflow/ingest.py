@@ -11,7 +11,6 @@ TRELLIS-500K the `subset` and `source_ref` the download stage fetches it by.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -23,11 +22,14 @@ from typing import Iterator, Literal
 import pandas as pd
 
 from slatflow.errors import ConfigError
+from slatflow.io import sha256_of_file
+from slatflow.manifest import MANIFEST_COLUMNS, SOURCE_COLUMNS, captions_json  # noqa: F401 - the stage's public names
 from slatflow.quarantine import clear_failure, record_failure
+from slatflow.stages import INGEST
 
 logger = logging.getLogger(__name__)
 
-STAGE = "ingest"
+STAGE = INGEST.name
 
 # Formats the render stage imports; every other file is a companion (textures, .bin, .mtl)
 # or not part of any asset.
@@ -37,11 +39,6 @@ ASSET_EXTENSIONS = frozenset(
 COMPANION_EXTENSIONS = frozenset(
     {".bin", ".mtl", ".png", ".jpg", ".jpeg", ".tga", ".bmp", ".tif", ".tiff", ".exr", ".hdr", ".webp", ".ktx2", ".dds"}
 )
-
-SOURCE_COLUMNS = ["sha256", "file_identifier", "aesthetic_score", "captions"]
-MANIFEST_COLUMNS = SOURCE_COLUMNS + ["local_path", "size", "mtime_ns", "subset", "source_ref"]
-
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,14 +75,6 @@ def _read_instances(instances: str | list[str]) -> list[str]:
             raise ConfigError(f"source.instances: {instances!r} is not a file (give a list or a file path)")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(instances)
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(source: SourceConfig) -> str:
@@ -326,7 +315,7 @@ def read_csv_source(
                 "sha256": record["sha256"],
                 "file_identifier": record["file_identifier"],
                 "aesthetic_score": record["aesthetic_score"],
-                "captions": _captions_json(record["captions"]),
+                "captions": captions_json(record["captions"]),
                 "local_path": local_path,
                 "size": size,
                 "mtime_ns": mtime_ns,
@@ -336,17 +325,6 @@ def read_csv_source(
             }
         )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["problem"])
-
-
-def _captions_json(captions: object) -> str:
-    """Captions as a JSON list (TRELLIS crashes without them); a plain string becomes [string]."""
-    if isinstance(captions, str):
-        try:
-            parsed = json.loads(captions)
-        except ValueError:
-            return json.dumps([captions])
-        return json.dumps(parsed if isinstance(parsed, list) else [parsed])
-    return "[]"
 
 
 def filter_assets(manifest: pd.DataFrame, source: SourceConfig) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -18,11 +19,11 @@ from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from slatflow.errors import AssetError
+from slatflow.stages import stage_of_folder
+
 # output folder under OUT -> the stage that writes it (named when a later stage cannot read it)
-STAGE_OF_FOLDER = {
-    "renders": "render", "renders_cond": "render_cond", "voxels": "voxelize", "features": "features",
-    "ss_latents": "ss_latent", "latents": "slat_latent", "meshes": "meshes", "sdf": "sdf", "quality": "quality",
-}  # fmt: skip
+STAGE_OF_FOLDER = stage_of_folder()
 
 # An array's contract: its dtype and shape, None for a free dimension.
 ArrayContract = tuple[str, tuple[int | None, ...]]
@@ -32,6 +33,18 @@ class OutputCheckError(OSError):
     """An output that does not read back as written, or breaks its contract; raised before the
     rename, so nothing is left under the final name. An OSError, so the stages' `cannot write`
     handling reports it; one that reads back unlike what was written carries EIO (the machine's)."""
+
+
+HASH_CHUNK = 1 << 20  # bytes read per update
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes: every asset's key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def written_by(path: str | os.PathLike) -> str:
@@ -333,3 +346,76 @@ def read_ply_points(path: str | os.PathLike) -> np.ndarray:
 
     vertex = PlyData.read(str(path))["vertex"]
     return np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=-1).astype(np.float32)
+
+
+def read_mesh_ply(sha256: str, path: str | os.PathLike, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a triangle mesh PLY (binary or ASCII, as Blender's exporter writes it).
+
+    Extra vertex properties (normals, uv, colours) are ignored.
+
+    Args:
+        sha256: the asset, named in errors.
+        path: the mesh (`renders/<sha>/mesh.ply`, `meshes/<sha>.ply`).
+        stage: the stage that reads it, which its errors name (the file's writer is named
+            with the path, see `written_by`).
+
+    Returns:
+        vertices float64 (V, 3) and faces int64 (F, 3).
+
+    Raises:
+        AssetError: a missing or unreadable file, no vertices, no faces, or faces that
+            are not triangles.
+    """
+    from plyfile import PlyData, PlyElementParseError, PlyHeaderParseError
+
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(sha256, f"mesh {written_by(path)} does not exist", stage)
+    # Known triangle lists let plyfile memory-map the faces instead of a Python loop
+    # per face; it raises when a face is not a triangle, and we re-read to say which.
+    triangle_lists = {"face": {"vertex_indices": 3, "vertex_index": 3}}
+    try:
+        try:
+            ply = PlyData.read(str(path), known_list_len=triangle_lists)
+        except PlyElementParseError as exc:
+            if "face" not in str(exc):
+                raise
+            ply = PlyData.read(str(path))
+        if "vertex" not in ply:
+            raise AssetError(sha256, f"mesh {path} has no vertex element", stage)
+        vertex = ply["vertex"].data
+        missing = [name for name in "xyz" if name not in vertex.dtype.names]
+        if missing:
+            raise AssetError(sha256, f"mesh {path} vertices lack {missing}", stage)
+        vertices = np.stack([vertex[name] for name in "xyz"], axis=-1).astype(np.float64)  # (V, 3)
+        faces = _read_faces(ply, path, sha256, stage)  # (F, 3)
+    except (PlyElementParseError, PlyHeaderParseError, ValueError, OSError, EOFError) as exc:
+        raise AssetError(sha256, f"cannot read mesh {written_by(path)}: {type(exc).__name__}: {exc}", stage) from exc
+    if len(vertices) == 0:
+        raise AssetError(sha256, f"mesh {path} has no vertices (expected a triangle mesh)", stage)
+    if len(faces) == 0:
+        raise AssetError(sha256, f"mesh {path} has no faces (expected a triangle mesh)", stage)
+    return vertices, faces
+
+
+def _read_faces(ply, path: Path, sha256: str, stage: str) -> np.ndarray:
+    """The face element's index lists as int64 (F, 3), or an AssetError."""
+    if "face" not in ply:
+        raise AssetError(sha256, f"mesh {path} has no face element (a point cloud?)", stage)
+    face = ply["face"].data
+    names = [name for name in ("vertex_indices", "vertex_index") if name in face.dtype.names]
+    if not names:
+        raise AssetError(sha256, f"mesh {path} faces have no vertex_indices list", stage)
+    lists = face[names[0]]
+    if lists.dtype != object:  # memory-mapped fixed-length triangles: (F, 3)
+        return np.asarray(lists, dtype=np.int64).reshape(-1, 3)
+    lengths = np.fromiter((len(item) for item in lists), dtype=np.int64, count=len(lists))  # (F,)
+    bad = np.flatnonzero(lengths != 3)
+    if len(bad):
+        raise AssetError(
+            sha256,
+            f"mesh {path} has {len(bad)} non-triangular faces (face {bad[0]} has "
+            f"{lengths[bad[0]]} vertices); expected a triangulated mesh",
+            stage,
+        )
+    return np.stack(list(lists)).astype(np.int64).reshape(-1, 3) if len(lists) else np.zeros((0, 3), np.int64)

@@ -32,13 +32,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 
 import numpy as np
 
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, AssetOutcome, ConfigError, outcomes_in_order
+from slatflow.grid import TRELLIS_RESOLUTION, outside_grid, voxel_indices
 from slatflow.io import save_npz_atomic, write_json_atomic, written_by
 from slatflow.logs import warn_random_weights
 from slatflow.precision import exact_fp32  # noqa: F401 - re-exported for tests and benchmarks
 from slatflow.models.checkpoint import LoadedEncoder, load_encoder
 from slatflow.models.names import DEFAULT_SPECS, RANDOM_SPEC, EncoderKind, encoder_name, random_config
 from slatflow.quarantine import record_failure
+from slatflow.stages import LATENT_STATS, SLAT_LATENT, SS_LATENT
 
 if TYPE_CHECKING:
     import torch
@@ -49,12 +51,12 @@ Device = Literal["auto", "cpu", "cuda"]
 # "auto": TRELLIS's numerics, the fp16 torso on GPU for `use_fp16` checkpoints, fp32 on CPU.
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
-SS_STAGE = "ss_latent"
-SLAT_STAGE = "slat_latent"
-STATS_STAGE = "latent_stats"
+SS_STAGE = SS_LATENT.name
+SLAT_STAGE = SLAT_LATENT.name
+STATS_STAGE = LATENT_STATS.name
 
-# TRELLIS's voxel grid side: voxel centres are (i + 0.5) / 64 - 0.5.
-VOXEL_RESOLUTION = 64
+# The released encoders' grid: voxelize.resolution must be it (slatflow.config checks).
+VOXEL_RESOLUTION = TRELLIS_RESOLUTION
 # TRELLIS's training filter on num_voxels; encoding more works, it is only a sizing hint.
 TRAINING_VOXEL_CAP = 32768
 # Assets per forward pass: a 64^3 x 32-channel fp16 activation is 16 MB, so 8 assets stay
@@ -87,6 +89,14 @@ class LatentJob:
     sha256: str
     source: Path
     output: Path
+
+    def to_request(self) -> dict:
+        """The job as a model worker's request (JSON)."""
+        return {"sha256": self.sha256, "source": str(self.source), "output": str(self.output)}
+
+    @classmethod
+    def from_request(cls, request: dict) -> "LatentJob":
+        return cls(request["sha256"], Path(request["source"]), Path(request["output"]))
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,12 @@ class LatentSettings:
     def random_args(self, kind: EncoderKind) -> dict[str, Any] | None:
         return self.random_ss_args if kind == "ss" else self.random_slat_args
 
+    def output_settings(self, kind: EncoderKind) -> dict[str, Any]:
+        """What re-runs the `kind` encoder's outputs (its rule's params): the checkpoint spec
+        (two folders may hold files of one name), a random architecture, the torso precision;
+        the encoder's name is in the output path."""
+        return {"spec": self.spec(kind), "random_args": self.random_args(kind), "precision": self.precision}
+
     def name(self, kind: EncoderKind) -> str:
         """The output folder name of the `kind` encoder (`<ss_enc>`, `<slat_enc>`)."""
         return encoder_name(self.spec(kind), kind, self.random_args(kind))
@@ -195,7 +211,7 @@ def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int =
         points: float (N, 3) voxel centres `(i + 0.5) / resolution - 0.5`, normalized frame.
 
     Returns:
-        int64 (N, 3) indices `int((p + 0.5) * resolution)` (float32 math, truncation).
+        int64 (N, 3) indices (slatflow.grid.voxel_indices).
 
     Raises:
         AssetError: no points, non-finite points, or indices outside [0, resolution).
@@ -205,14 +221,13 @@ def voxel_indices_from_points(sha256: str, points: np.ndarray, resolution: int =
         raise AssetError(sha256, f"voxel positions have shape {points.shape}, expected (N>0, 3)", SS_STAGE)
     if not np.isfinite(points).all():
         raise AssetError(sha256, "voxel positions contain NaN or inf", SS_STAGE)
-    half, res = np.float32(0.5), np.float32(resolution)
-    indices = ((points.astype(np.float32) + half) * res).astype(np.int64)  # (N, 3), truncates
-    bad = (indices < 0) | (indices >= resolution)
+    indices = voxel_indices(points, resolution)  # (N, 3)
+    bad = outside_grid(indices, resolution)  # (N,)
     if bad.any():
-        row = int(np.argwhere(bad.any(axis=1))[0, 0])
+        row = int(np.argmax(bad))
         raise AssetError(
             sha256,
-            f"{int(bad.any(axis=1).sum())} voxel positions fall outside the {resolution}^3 grid, "
+            f"{int(bad.sum())} voxel positions fall outside the {resolution}^3 grid, "
             f"e.g. {points[row].tolist()} (expected centres in [-0.5, 0.5])",
             SS_STAGE,
         )
@@ -557,7 +572,7 @@ def encode_ss_latents(
     device: Device | str = "auto",
     precision: Precision = "auto",
     batch_size: int | None = None,
-) -> dict[str, AssetError]:
+) -> list[AssetOutcome]:
     """Encode `voxels/<sha>.ply` files into `ss_latents/<ss_enc>/<sha>.npz` (`mean` (8, 16, 16, 16)).
 
     Args:
@@ -569,10 +584,10 @@ def encode_ss_latents(
         batch_size: assets per forward pass; default SS_BATCH[device type].
 
     Returns:
-        The assets that failed, by sha256, with an AssetError naming the cause; the others
-        are written.
+        One outcome per job, in order: its AssetError naming the cause, or written.
     """
-    return _encode_all(jobs, _ss_codec(encoder, device, precision, batch_size))
+    failed = _encode_all(jobs, _ss_codec(encoder, device, precision, batch_size))
+    return outcomes_in_order([job.sha256 for job in jobs], failed)
 
 
 def _ss_codec(
@@ -614,7 +629,7 @@ def encode_slat_latents(
     device: Device | str = "auto",
     precision: Precision = "auto",
     max_voxels_per_batch: int | None = None,
-) -> dict[str, AssetError]:
+) -> list[AssetOutcome]:
     """Encode `features/<feat>/<sha>.npz` files into `latents/<feat>_<slat_enc>/<sha>.npz`.
 
     Each output holds `feats` float32 (N, 8) and `coords` uint8 (N, 3), row i for the
@@ -630,9 +645,10 @@ def encode_slat_latents(
             larger asset runs alone); default SLAT_VOXELS_PER_BATCH[device type].
 
     Returns:
-        The assets that failed, by sha256, with an AssetError naming the cause.
+        One outcome per job, in order: its AssetError naming the cause, or written.
     """
-    return _encode_all(jobs, _slat_codec(encoder, device, precision, max_voxels_per_batch))
+    failed = _encode_all(jobs, _slat_codec(encoder, device, precision, max_voxels_per_batch))
+    return outcomes_in_order([job.sha256 for job in jobs], failed)
 
 
 def _slat_codec(
@@ -683,47 +699,6 @@ def _slat_codec(
     )
 
 
-def encode_latent_files(
-    kind: EncoderKind,
-    sha256s: Sequence[str],
-    sources: Sequence[str | Path],
-    outputs: Sequence[str | Path],
-    settings: LatentSettings,
-    threads: int | None = None,
-) -> None:
-    """Encode the assets of one workflow job; raise the first failure after writing the rest.
-
-    Args:
-        kind: "ss" (sources are voxel PLYs) or "slat" (sources are feature npz files).
-        threads: torch CPU threads (the job's cores); default settings.threads.
-
-    Raises:
-        AssetError: the first asset that failed.
-    """
-    encode = _latent_encoder_for_jobs(kind, settings, threads)
-    encode([LatentJob(sha, Path(src), Path(dst)) for sha, src, dst in zip(sha256s, sources, outputs, strict=True)])
-
-
-def _latent_encoder_for_jobs(
-    kind: EncoderKind, settings: LatentSettings, threads: int | None
-) -> Callable[[list[LatentJob]], None]:
-    """Load and place the `kind` encoder once; return a function encoding jobs with it."""
-    import torch
-
-    torch.set_num_threads(threads or settings.threads)
-    placed = place(settings.load(kind), kind, settings.device, settings.precision)
-    encode = encode_ss_latents if kind == "ss" else encode_slat_latents
-
-    def encode_jobs(jobs: list[LatentJob]) -> None:
-        if placed.encoder.random_weights:  # said in every asset's log, also from a model worker
-            warn_random_weights(logger, placed.encoder.name)
-        failures = encode(jobs, placed)
-        if failures:
-            raise next(iter(failures.values()))
-
-    return encode_jobs
-
-
 def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]:
     """Requests are served at once (WORKER_REQUESTS_AT_ONCE): each reads its input and writes
     its output in its own thread; the encoder runs the inputs that arrived together as one batch."""
@@ -742,7 +717,7 @@ def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:
     def handle(request: dict) -> None:
         if placed.encoder.random_weights:  # said in every asset's log
             warn_random_weights(logger, placed.encoder.name)
-        job = LatentJob(request["sha256"], Path(request["source"]), Path(request["output"]))
+        job = LatentJob.from_request(request)
         item = codec.read(job)
         result = codec.check(job, item, batcher.encode(job, item))
         if isinstance(result, AssetError):

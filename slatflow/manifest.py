@@ -1,4 +1,5 @@
-"""The manifest's rows by sha256, for the workflow's input functions at planning time.
+"""The manifest: its columns (ingest writes them, the TRELLIS-500K subsets fill them too,
+metadata reads them) and its rows by sha256, for the workflow's input functions at planning time.
 
 A remote job (one Snakemake process per SLURM job) plans one asset, or a group of tens, of
 a manifest that can hold 500k rows: parsing every row for it takes longer than the rest of
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 
 import pandas as pd
@@ -23,6 +25,21 @@ SEARCHED_LOOKUPS = 32
 
 # The columns planning reads; the others (captions: most of the bytes) stay unparsed.
 PLANNING_COLUMNS = ("sha256", "local_path", "subset", "file_identifier", "source_ref")
+
+# ingest's columns: TRELLIS's source columns, then where the file is and what it was
+SOURCE_COLUMNS = ["sha256", "file_identifier", "aesthetic_score", "captions"]
+MANIFEST_COLUMNS = SOURCE_COLUMNS + ["local_path", "size", "mtime_ns", "subset", "source_ref"]
+
+
+def captions_json(captions: object) -> str:
+    """Captions as a JSON list (TRELLIS crashes without them); a plain string becomes [string]."""
+    if isinstance(captions, str):
+        try:
+            parsed = json.loads(captions)
+        except ValueError:
+            return json.dumps([captions])
+        return json.dumps(parsed if isinstance(parsed, list) else [parsed])
+    return "[]"
 
 
 class ManifestRows:

@@ -23,10 +23,11 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from slatflow.ingest import SOURCE_COLUMNS
 from slatflow.io import STAGE_OF_FOLDER, atomic_path, write_text_atomic
+from slatflow.manifest import SOURCE_COLUMNS
 from slatflow.models.names import latent_folder_names
 from slatflow.quarantine import load_failures
+from slatflow.stages import FEATURES, SLAT_LATENT, SS_LATENT, STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +105,15 @@ def stage_columns(out_dir: Path, index: pd.Index, models: ModelNames) -> pd.Data
     columns["voxelized"] = _flag(index, voxelized)
     columns["num_voxels"] = num_voxels
     columns["cond_rendered"] = _flag(index, _complete_render_dirs(out_dir / "renders_cond"))
-    for prefix, folder, configured in (
-        ("feature", "features", models.features),
-        ("ss_latent", "ss_latents", models.ss_latents),
-        ("latent", "latents", models.latents),
-    ):
+    for stage, configured in ((FEATURES, models.features), (SS_LATENT, models.ss_latents), (SLAT_LATENT, models.latents)):
+        (prefix,), folder = stage.columns, stage.folder
         for name in sorted(set(configured) | set(_subfolders(out_dir / folder))):
             columns[f"{prefix}_{name}"] = _flag(index, _names_with_suffix(out_dir / folder / name, ".npz"))
     return pd.DataFrame(columns, index=index)
 
 
 # Pipeline order: an asset that failed in several stages shows the earliest (the cause).
-STAGE_ORDER = ["ingest", "download", "render", "render_cond", "voxelize", "features", "ss_latent", "slat_latent", "meshes", "sdf", "quality"]
+STAGE_ORDER = [stage.name for stage in STAGES]
 
 
 def failure_columns(out_dir: Path, index: pd.Index) -> pd.DataFrame:

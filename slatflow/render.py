@@ -34,13 +34,14 @@ import numpy as np
 
 from slatflow import blender_render
 from slatflow.cameras import camera_offset, sphere_hammersley_sequence
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, AssetOutcome, ConfigError
+from slatflow.stages import RENDER, RENDER_COND
 
 logger = logging.getLogger(__name__)
 blender_logger = logging.getLogger("slatflow.blender")
 
-STAGE = "render"
-COND_STAGE = "render_cond"
+STAGE = RENDER.name
+COND_STAGE = RENDER_COND.name
 
 # file extension (lower case, no dot) -> format name understood by blender_render
 SUPPORTED_FORMATS = {
@@ -186,13 +187,11 @@ class RenderAsset(NamedTuple):
     source: Path  # the asset's file (a .gltf's buffers and textures beside it)
 
 
-@dataclasses.dataclass(frozen=True)
-class RenderResult:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RenderResult(AssetOutcome):
     """What happened to one asset. `error` is None when `out_dir` holds a complete render."""
 
-    sha256: str
     out_dir: Path
-    error: AssetError | None
     device: str = ""
     seconds: float = 0.0  # the whole job, Blender's start included
     view_seconds: tuple[float, ...] = ()  # each view's render and PNG write
@@ -307,13 +306,6 @@ def render_cond_views(
     ]
 
 
-def raise_failures(results: Sequence[RenderResult]) -> None:
-    """Raise the first failure's AssetError (a per-asset job has one result)."""
-    for result in results:
-        if result.error is not None:
-            raise result.error
-
-
 # ---------------------------------------------------------------------------------------------
 # One asset
 
@@ -336,7 +328,7 @@ def _render_one(
         if exc.stage is None:
             exc = AssetError(exc.sha256, exc.reason, stage)
         logger.error("%s: %s", asset.sha256, exc.reason)
-        return RenderResult(asset.sha256, final_dir, exc, seconds=time.monotonic() - started)
+        return RenderResult(asset.sha256, exc, out_dir=final_dir, seconds=time.monotonic() - started)
     seconds = time.monotonic() - started
     views_s = result.get("view_seconds", [])
     logger.info(
@@ -344,8 +336,8 @@ def _render_one(
         asset.sha256, len(views), result.get("device", "?"), seconds,
         sum(views_s) / max(len(views_s), 1), result.get("load_seconds", 0.0),
     )
-    return RenderResult(asset.sha256, final_dir, None, result.get("device", "?"), seconds, tuple(views_s),
-                        result.get("load_seconds", 0.0))
+    return RenderResult(asset.sha256, out_dir=final_dir, device=result.get("device", "?"), seconds=seconds,
+                        view_seconds=tuple(views_s), load_seconds=result.get("load_seconds", 0.0))
 
 
 def _render_to(

@@ -20,7 +20,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from slatflow.grid import TRELLIS_RESOLUTION, voxel_indices
 from slatflow.quality import QUALITY_COLUMNS
+from slatflow.stages import REPORT, STAGES, stage_of_column
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,8 @@ SECTIONS = ("summary", "failures", "suspicious", "histograms", "timings", "previ
 # a 3/4 view from above, like most of TRELLIS's views (yaw 45 degrees, pitch 30 degrees)
 _VIEW_YAW, _VIEW_PITCH = math.radians(45), math.radians(30)
 
-# (metadata column, histogram title)
-HISTOGRAMS = [("num_voxels", "num_voxels (64^3 surface voxels)")] + [
+# (metadata column, histogram title); {resolution} is the voxel grid's side
+HISTOGRAMS = [("num_voxels", "num_voxels ({resolution}^3 surface voxels)")] + [
     (column, column.replace("_", " ")) for column, _, _ in QUALITY_COLUMNS
 ]
 
@@ -166,10 +168,10 @@ def mesh_preview(vertices: np.ndarray, faces: np.ndarray, size: int = PREVIEW_SI
     return splat_image(points, normals, (120, 160, 230), size)
 
 
-def voxel_preview(centres: np.ndarray, resolution: int = 64, size: int = PREVIEW_SIZE):
+def voxel_preview(centres: np.ndarray, resolution: int = TRELLIS_RESOLUTION, size: int = PREVIEW_SIZE):
     """A PIL image of voxels drawn as cubes (points on each cube's exposed faces)."""
+    idx = np.clip(voxel_indices(centres, resolution), 0, resolution - 1)  # (N, 3)
     centres = np.asarray(centres, np.float64)
-    idx = np.clip(np.floor((centres + 0.5) * resolution).astype(np.int64), 0, resolution - 1)  # (N, 3)
     occupied = np.zeros((resolution + 2,) * 3, dtype=bool)  # with an empty ring
     occupied[tuple((idx + 1).T)] = True
     lattice = np.stack(np.meshgrid(*[np.linspace(-0.45, 0.45, 5)] * 2, indexing="ij"), -1).reshape(
@@ -214,21 +216,20 @@ def _img(image, caption: str) -> str:
     )
 
 
-def asset_previews(out_dir: Path, sha256: str) -> str:
+def asset_previews(sha256: str, out_dir: Path, voxel_resolution: int = TRELLIS_RESOLUTION) -> str:
     """One asset's row: a few renders, its voxels and its watertight mesh, side by side.
 
     A file that cannot be read (a quarantined asset's leftovers, a truncated file) becomes a
     tile that says so: one asset's file never stops the report.
     """
-    from slatflow.io import read_ply_points
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply, read_ply_points
 
     def voxel_tile(path: Path) -> str:
         centres = read_ply_points(path)
-        return _img(voxel_preview(centres), f"voxels ({len(centres)})")
+        return _img(voxel_preview(centres, voxel_resolution), f"voxels ({len(centres)})")
 
     def mesh_tile(path: Path) -> str:
-        vertices, faces = read_mesh_ply(path, sha256)
+        vertices, faces = read_mesh_ply(sha256, path, REPORT.name)
         return _img(mesh_preview(vertices, faces), f"watertight mesh ({len(faces)} faces)")
 
     tiles = []
@@ -265,21 +266,18 @@ def _stage_counts(metadata, out_dir: Path, failures) -> list[tuple[str, int, int
     for failure in failures:
         failed[failure.stage] = failed.get(failure.stage, 0) + 1
     rows = []
-    stage_of = {"rendered": "render", "cond_rendered": "render_cond", "voxelized": "voxelize"}
-    prefixes = {"feature_": "features", "ss_latent_": "ss_latent", "latent_": "slat_latent"}
     for column in metadata.columns:
         if metadata[column].dtype != bool or column.endswith("_random_weights"):
             continue
-        stage = stage_of.get(column) or next((s for p, s in prefixes.items() if column.startswith(p)), column)
+        stage = stage_of_column(column) or column
         rows.append((column, int(metadata[column].sum()), failed.pop(stage, 0)))
-    for folder, suffix, stage in (
-        ("meshes", ".ply", "meshes"),
-        ("sdf", ".npz", "sdf"),
-        ("quality", ".json", "quality"),
-    ):
-        path = out_dir / folder
-        done = sum(1 for e in os.scandir(path) if e.name.endswith(suffix)) if path.is_dir() else 0
-        rows.append((folder, done, failed.pop(stage, 0)))
+    # the per-asset folders of the stages without a metadata column (meshes, sdf, quality)
+    for stage in STAGES:
+        if stage.columns or not (stage.folder and stage.suffix) or "/" in stage.suffix:
+            continue
+        path = out_dir / stage.folder
+        done = sum(1 for e in os.scandir(path) if e.name.endswith(stage.suffix)) if path.is_dir() else 0
+        rows.append((stage.folder, done, failed.pop(stage.name, 0)))
     rows.extend((f"({stage})", 0, count) for stage, count in sorted(failed.items()))
     return rows
 
@@ -309,6 +307,7 @@ def build_report(
     metadata: "pd.DataFrame | str | os.PathLike | None" = None,  # noqa: F821
     num_previews: int = 6,
     seed: int = 0,
+    voxel_resolution: int = TRELLIS_RESOLUTION,
 ) -> str:
     """The report's HTML (one self-contained page).
 
@@ -319,6 +318,7 @@ def build_report(
         num_previews: assets drawn in the previews: suspicious ones first, then a seeded
             random sample of the others with outputs on disk.
         seed: the sample's seed.
+        voxel_resolution: the voxel grid's side (`voxelize.resolution`).
     """
     import pandas as pd
 
@@ -355,7 +355,7 @@ def build_report(
         values = (
             pd.to_numeric(metadata[column], errors="coerce").to_numpy() if column in metadata else np.zeros(0)
         )
-        body.append(svg_histogram(values, title))
+        body.append(svg_histogram(values, title.format(resolution=voxel_resolution)))
     body.append("</div>")
 
     timings = read_benchmarks(out_dir)
@@ -390,7 +390,7 @@ def build_report(
         )
         header = f"<p><code>{_e(sha256)}</code> {_e(metrics)}"
         header += f' <span class="bad">{_e(reasons)}</span></p>' if reasons else "</p>"
-        body.append(f'<div class="asset">{header}{asset_previews(out_dir, sha256)}</div>')
+        body.append(f'<div class="asset">{header}{asset_previews(sha256, out_dir, voxel_resolution)}</div>')
 
     from slatflow.quality import __doc__ as quality_doc
 

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from slatflow.errors import ConfigError
+from slatflow.manifest import MANIFEST_COLUMNS, captions_json
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,6 @@ def load_object_paths(path: str | os.PathLike) -> dict[str, str]:
 def subset_manifest(table: pd.DataFrame, out_dir: str | os.PathLike, object_paths: dict[str, str] | None) -> pd.DataFrame:
     """Manifest rows for one subset's CSV rows: planned local_path, size of what is on disk,
     and the `problem` that keeps a row from being fetched (empty when none)."""
-    from slatflow.ingest import MANIFEST_COLUMNS, _captions_json
 
     out_dir = Path(out_dir)
     rows = []
@@ -194,7 +194,7 @@ def subset_manifest(table: pd.DataFrame, out_dir: str | os.PathLike, object_path
                 "sha256": sha,
                 "file_identifier": fid,
                 "aesthetic_score": record["aesthetic_score"],
-                "captions": _captions_json(record["captions"]),
+                "captions": captions_json(record["captions"]),
                 "local_path": path,
                 "size": size,
                 "mtime_ns": mtime_ns,

@@ -26,23 +26,23 @@ trimesh's voxelizers sample the surface, and Open3D itself is what we replace.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
-from pathlib import Path
-from typing import Sequence
 
 import numba
 import numpy as np
 
 from slatflow.errors import AssetError
+from slatflow.grid import TRELLIS_RESOLUTION, voxel_centres
+from slatflow.io import read_mesh_ply
+from slatflow.stages import VOXELIZE
 
 logger = logging.getLogger(__name__)
 
-STAGE = "voxelize"
-DEFAULT_RESOLUTION = 64  # TRELLIS's sparse-structure grid
+STAGE = VOXELIZE.name
+DEFAULT_RESOLUTION = TRELLIS_RESOLUTION
 # TRELLIS clamps mesh vertices this far inside [-0.5, 0.5]^3 so that no voxel index
 # leaves [0, resolution); slatflow applies the same clamp to get the same voxels.
 CLAMP_MARGIN = 1e-6
@@ -57,23 +57,6 @@ _PLANE_BAND_MAX_DEPTH = 6
 # the float64 rounding of the per-box normal then moves the plane by far less than the
 # one-voxel margin of the band (bound: ~1e-15 * R**3 / |n| with R the coordinate scale).
 _PLANE_BAND_CONDITION = 1e-10
-
-
-@dataclasses.dataclass(frozen=True)
-class VoxelizeResult:
-    """The outcome of voxelizing one asset.
-
-    Attributes:
-        sha256: the asset's key.
-        out_path: the voxel PLY (written only when `error` is None).
-        num_voxels: number of surface voxels written; 0 on error.
-        error: the asset's failure, or None.
-    """
-
-    sha256: str
-    out_path: Path
-    num_voxels: int
-    error: AssetError | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -381,88 +364,10 @@ def clamp_vertices(vertices: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(vertices, dtype=np.float64), -0.5 + CLAMP_MARGIN, 0.5 - CLAMP_MARGIN)
 
 
-def voxel_centres(indices: np.ndarray, resolution: int = DEFAULT_RESOLUTION) -> np.ndarray:
-    """Voxel indices -> float32 (N, 3) centres `(i + 0.5) / resolution - 0.5`."""
-    return ((np.asarray(indices, dtype=np.float64) + 0.5) / resolution - 0.5).astype(np.float32)
-
-
-def read_mesh_ply(path: str | os.PathLike, sha256: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a triangle mesh PLY (binary or ASCII, as Blender's exporter writes it).
-
-    Extra vertex properties (normals, uv, colours) are ignored.
-
-    Args:
-        path: the `mesh.ply`.
-        sha256: the asset, named in errors.
-
-    Returns:
-        vertices float64 (V, 3) and faces int64 (F, 3).
-
-    Raises:
-        AssetError: a missing or unreadable file, no vertices, no faces, or faces that
-            are not triangles.
-    """
-    from plyfile import PlyData, PlyElementParseError, PlyHeaderParseError
-
-    from slatflow.io import written_by
-
-    path = Path(path)
-    if not path.is_file():
-        raise AssetError(sha256, f"mesh {written_by(path)} does not exist", STAGE)
-    # Known triangle lists let plyfile memory-map the faces instead of a Python loop
-    # per face; it raises when a face is not a triangle, and we re-read to say which.
-    triangle_lists = {"face": {"vertex_indices": 3, "vertex_index": 3}}
-    try:
-        try:
-            ply = PlyData.read(str(path), known_list_len=triangle_lists)
-        except PlyElementParseError as exc:
-            if "face" not in str(exc):
-                raise
-            ply = PlyData.read(str(path))
-        if "vertex" not in ply:
-            raise AssetError(sha256, f"mesh {path} has no vertex element", STAGE)
-        vertex = ply["vertex"].data
-        missing = [name for name in "xyz" if name not in vertex.dtype.names]
-        if missing:
-            raise AssetError(sha256, f"mesh {path} vertices lack {missing}", STAGE)
-        vertices = np.stack([vertex[name] for name in "xyz"], axis=-1).astype(np.float64)  # (V, 3)
-        faces = _read_faces(ply, path, sha256)  # (F, 3)
-    except (PlyElementParseError, PlyHeaderParseError, ValueError, OSError, EOFError) as exc:
-        raise AssetError(sha256, f"cannot read mesh {written_by(path)}: {type(exc).__name__}: {exc}", STAGE) from exc
-    if len(vertices) == 0:
-        raise AssetError(sha256, f"mesh {path} has no vertices (expected a triangle mesh)", STAGE)
-    if len(faces) == 0:
-        raise AssetError(sha256, f"mesh {path} has no faces (expected a triangle mesh)", STAGE)
-    return vertices, faces
-
-
-def _read_faces(ply, path: Path, sha256: str) -> np.ndarray:
-    """The face element's index lists as int64 (F, 3), or an AssetError."""
-    if "face" not in ply:
-        raise AssetError(sha256, f"mesh {path} has no face element (a point cloud?)", STAGE)
-    face = ply["face"].data
-    names = [name for name in ("vertex_indices", "vertex_index") if name in face.dtype.names]
-    if not names:
-        raise AssetError(sha256, f"mesh {path} faces have no vertex_indices list", STAGE)
-    lists = face[names[0]]
-    if lists.dtype != object:  # memory-mapped fixed-length triangles: (F, 3)
-        return np.asarray(lists, dtype=np.int64).reshape(-1, 3)
-    lengths = np.fromiter((len(item) for item in lists), dtype=np.int64, count=len(lists))  # (F,)
-    bad = np.flatnonzero(lengths != 3)
-    if len(bad):
-        raise AssetError(
-            sha256,
-            f"mesh {path} has {len(bad)} non-triangular faces (face {bad[0]} has "
-            f"{lengths[bad[0]]} vertices); expected a triangulated mesh",
-            STAGE,
-        )
-    return np.stack(list(lists)).astype(np.int64).reshape(-1, 3) if len(lists) else np.zeros((0, 3), np.int64)
-
-
 def voxelize_asset(
+    sha256: str,
     mesh_path: str | os.PathLike,
     out_path: str | os.PathLike,
-    sha256: str,
     resolution: int = DEFAULT_RESOLUTION,
 ) -> int:
     """Voxelize one `mesh.ply` into a voxel-centre PLY, TRELLIS's recipe.
@@ -480,7 +385,7 @@ def voxelize_asset(
     from slatflow.io import write_points_ply
 
     start = time.perf_counter()
-    vertices, faces = read_mesh_ply(mesh_path, sha256)
+    vertices, faces = read_mesh_ply(sha256, mesh_path, STAGE)
     try:
         vertices, faces = _checked_mesh(vertices, faces)  # before the clamp, which hides inf
         indices = voxelize_mesh(clamp_vertices(vertices), faces, resolution)  # (N, 3)
@@ -494,39 +399,6 @@ def voxelize_asset(
         sha256, len(faces), len(indices), resolution, time.perf_counter() - start, out_path,
     )
     return len(indices)
-
-
-def voxelize_assets(
-    mesh_paths: Sequence[str | os.PathLike],
-    out_paths: Sequence[str | os.PathLike],
-    sha256s: Sequence[str] | None = None,
-    resolution: int = DEFAULT_RESOLUTION,
-) -> list[VoxelizeResult]:
-    """Voxelize many assets, one at a time; a bad asset is reported, never fatal.
-
-    Args:
-        mesh_paths: each asset's `renders/<sha>/mesh.ply`.
-        out_paths: each asset's `voxels/<sha>.ply`.
-        sha256s: the assets' keys; default: the output file stems.
-        resolution: voxels per axis.
-
-    Returns:
-        One `VoxelizeResult` per asset, in order; failures carry their `AssetError`.
-    """
-    if len(mesh_paths) != len(out_paths):
-        raise ValueError(f"{len(mesh_paths)} mesh paths but {len(out_paths)} output paths")
-    if sha256s is None:
-        sha256s = [Path(p).stem for p in out_paths]
-    results = []
-    for mesh_path, out_path, sha256 in zip(mesh_paths, out_paths, sha256s):
-        try:
-            num_voxels = voxelize_asset(mesh_path, out_path, sha256, resolution)
-        except AssetError as exc:
-            logger.error("%s", exc)
-            results.append(VoxelizeResult(sha256, Path(out_path), 0, exc))
-            continue
-        results.append(VoxelizeResult(sha256, Path(out_path), num_voxels))
-    return results
 
 
 def _checked_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,15 +44,12 @@ from typing import Callable
 from slatflow.errors import AssetError, ConfigError, TransientError
 from slatflow.io import file_lock
 from slatflow.logs import LOG_FORMAT
+from slatflow.stages import worker_services
 
 logger = logging.getLogger(__name__)
 
-SERVICES = {
-    "features": "slatflow.features:worker_service",
-    "ss_latent": "slatflow.latents:ss_worker_service",
-    "slat_latent": "slatflow.latents:slat_worker_service",
-    "raster": "slatflow.raster:worker_service",
-}
+# service name -> "module:function" of its handler: the stage table's (slatflow.stages)
+SERVICES = worker_services()
 
 Handler = Callable[[dict], None]
 

@@ -117,13 +117,14 @@ def run_asset_job(
     clear_failure(out_dir, stage, sha256)
 
 
-def run_model_job(snakemake: Any, stage: str, settings: dict, request: dict) -> None:
+def run_model_job(snakemake: Any, stage: str, settings: dict, job: Any) -> None:
     """`run_asset_job` for a model stage: the asset goes to the stage's model worker.
 
     Args:
         stage: a `slatflow.worker.SERVICES` name, also the quarantine stage.
         settings: the service's settings (what its model worker is keyed by).
-        request: the asset's inputs and output, as the service reads them.
+        job: the stage's typed job (`features.FeatureJob`, `latents.LatentJob`): what its
+            batch function, its worker's handler and the tests take.
     """
     from slatflow.worker import WorkerSettings, WorkerSpec, run_request
 
@@ -132,7 +133,7 @@ def run_model_job(snakemake: Any, stage: str, settings: dict, request: dict) -> 
         stage,
         lambda: run_request(
             WorkerSpec(stage, settings),
-            request,
+            job.to_request(),
             WorkerSettings.from_config(snakemake.config["workers"]),
             Path(snakemake.config["output_dir"]) / "logs" / "workers",
         ),

@@ -46,3 +46,18 @@ def make_asset(out_dir, sha256: str, source: TriangleMesh, shifted_voxels: bool 
         indices = np.clip(indices + [2, 0, 0], 0, 63)
     write_points_ply(out_dir / "voxels" / f"{sha256}.ply", voxel_centres(indices))
     extract_mesh_asset(sha256, render_dir / "mesh.ply", out_dir / "meshes" / f"{sha256}.ply", resolution=64)
+
+
+def check_asset_quality(out_dir, sha256: str, settings) -> dict:
+    """The quality_check rule's call for one asset of OUT (its inputs where the rule has them)."""
+    from slatflow.geometry import check_quality_asset
+
+    return check_quality_asset(
+        sha256,
+        out_dir / "renders" / sha256 / "mesh.ply",
+        out_dir / "quality" / f"{sha256}.json",
+        watertight_mesh=out_dir / "meshes" / f"{sha256}.ply",
+        voxels=out_dir / "voxels" / f"{sha256}.ply",
+        render_dir=out_dir / "renders" / sha256,
+        settings=settings,
+    )

@@ -533,9 +533,9 @@ def test_rgb_views_are_read_as_opaque(tmp_path):
     """TRELLIS crashes on an RGB PNG; slatflow reads it as RGBA with alpha 255."""
     render_dir, _ = write_synthetic_asset(tmp_path, SHA_A, num_views=2, resolution=32)
     Image.open(render_dir / "000.png").convert("RGB").save(render_dir / "000.png")
-    rgba = decode_view(render_dir / "000.png", 518, SHA_A)
+    rgba = decode_view(SHA_A, render_dir / "000.png", 518)
     assert rgba.shape == (518, 518, 4) and (rgba[..., 3] == 255).all()
-    assert len(read_view_frames(render_dir, SHA_A)) == 2
+    assert len(read_view_frames(SHA_A, render_dir)) == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -286,13 +286,13 @@ def test_sample_sdf_is_the_sphere_distance_and_reproducible(tmp_path):
 def test_extract_mesh_asset_writes_a_readable_watertight_ply(tmp_path):
     import trimesh
 
-    from slatflow.voxelize import read_mesh_ply
+    from slatflow.io import read_mesh_ply
 
     source = tmp_path / "mesh.ply"
     trimesh.Trimesh(*box_mesh()).export(source)
     out = tmp_path / "meshes" / "x.ply"
     geometry.extract_mesh_asset("cd" * 32, source, out, resolution=40)
-    vertices, faces = read_mesh_ply(out, "cd" * 32)
+    vertices, faces = read_mesh_ply("cd" * 32, out, "meshes")
     assert trimesh.Trimesh(vertices, faces, process=False).is_watertight
     assert not list(out.parent.glob(".*tmp*"))  # no temporary file left behind
 

@@ -18,7 +18,7 @@ from conftest import run_workflow
 from geometry_fixtures import write_view
 from voxelize_fixtures import normalize_vertices, write_mesh_ply
 
-from slatflow.voxelize import read_mesh_ply
+from slatflow.io import read_mesh_ply
 
 GEOMETRY_RULES = (
     "--allowed-rules",
@@ -77,7 +77,7 @@ def test_geometry_targets_make_meshes_sdf_quality_and_report(small_assets, tmp_p
     assert "non-triangular" in record["reason"] and bad in record["reason"]
     good = [sha for sha in shas if sha != bad]
     for sha256 in good:
-        vertices, faces = read_mesh_ply(out_dir / "meshes" / f"{sha256}.ply", sha256)
+        vertices, faces = read_mesh_ply(sha256, out_dir / "meshes" / f"{sha256}.ply", "meshes")
         assert trimesh.Trimesh(vertices, faces, process=False).is_watertight
         with np.load(out_dir / "sdf" / f"{sha256}.npz") as samples:
             assert samples["points"].shape == (2500, 3) and samples["sdf"].dtype == np.float32

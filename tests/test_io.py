@@ -155,7 +155,7 @@ def test_a_reader_names_the_upstream_file_and_its_stage(tmp_path):
     save_npz_atomic(features, indices=np.zeros((4, 3), np.uint8), patchtokens=np.zeros((4, 8), np.float16))
     features.write_bytes(features.read_bytes()[:100])
     for read, path, stage in (
-        (lambda: load_voxels(voxels, sha), voxels, "voxelize"),
+        (lambda: load_voxels(sha, voxels), voxels, "voxelize"),
         (lambda: read_voxel_indices(sha, voxels), voxels, "voxelize"),
         (lambda: read_sparse_features(sha, features, 8), features, "features"),
     ):
@@ -219,3 +219,18 @@ def test_level_0_stores_the_arrays_in_the_deflate_stream(tmp_path):
         assert info.compress_type == zipfile.ZIP_DEFLATED
         blocks = info.file_size // 0xFFFF + 3  # the header, the array in full blocks and its tail, the end
         assert 0 < info.compress_size - info.file_size <= 5 * blocks  # 5 bytes a block
+
+
+@pytest.mark.parametrize("stage", ["voxelize", "meshes", "quality", "report"])
+def test_the_mesh_reader_names_the_stage_reading_and_the_stage_that_wrote(tmp_path, stage):
+    from slatflow.errors import AssetError
+    from slatflow.io import read_mesh_ply
+
+    sha = "ab" * 32
+    mesh = tmp_path / "renders" / sha / "mesh.ply"
+    mesh.parent.mkdir(parents=True)
+    mesh.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\n")  # a header cut short
+    with pytest.raises(AssetError) as info:
+        read_mesh_ply(sha, mesh, stage)
+    assert info.value.stage == stage and info.value.sha256 == sha
+    assert f"{mesh} (written by the render stage)" in info.value.reason

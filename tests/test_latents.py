@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from latents_fixtures import TINY_SLAT_ARGS, TINY_SS_ARGS, random_patchtokens, surface_voxels, voxel_centres
 from safetensors.torch import save_file
 
-from slatflow import latents
+from slatflow import errors, latents
 from slatflow.errors import AssetError, ConfigError
 from slatflow.io import write_points_ply
 from slatflow.latents import LatentJob
@@ -499,7 +499,10 @@ def test_encode_ss_latents_writes_means_and_names_bad_assets(tmp_path):
     write_points_ply(tmp_path / "voxels" / "empty.ply", np.zeros((0, 3)))
     write_points_ply(tmp_path / "voxels" / "outside.ply", np.full((4, 3), 0.75))
     bad = {name: LatentJob(name, tmp_path / "voxels" / f"{name}.ply", tmp_path / "ss" / f"{name}.npz") for name in ("garbage", "empty", "outside")}
-    failures = latents.encode_ss_latents([bad["garbage"], *jobs[:2], bad["empty"], bad["outside"], jobs[2]], encoder, device="cpu", batch_size=2)
+    order = [bad["garbage"], *jobs[:2], bad["empty"], bad["outside"], jobs[2]]
+    outcomes = latents.encode_ss_latents(order, encoder, device="cpu", batch_size=2)
+    assert [outcome.sha256 for outcome in outcomes] == [job.sha256 for job in order]  # one per job, in order
+    failures = errors.failures(outcomes)
     assert set(failures) == set(bad)
     assert "unreadable voxel file" in failures["garbage"].reason
     assert "expected (N>0, 3)" in failures["empty"].reason
@@ -569,7 +572,7 @@ def test_ss_worker_service_from_threads_writes_what_a_batch_run_writes(tmp_path)
     assert outcomes[:3] == [None] * 3 and "unreadable voxel file" in outcomes[3]
     encoder = load_encoder("random", "ss", random_args=TINY_SS_ARGS)
     jobs = [LatentJob(r["sha256"], Path(r["source"]), tmp_path / "batch" / f"{r['sha256']}.npz") for r in requests]
-    assert latents.encode_ss_latents(jobs, encoder, device="cpu") == {}
+    assert errors.failures(latents.encode_ss_latents(jobs, encoder, device="cpu")) == {}
     for request, job in zip(requests, jobs):
         with np.load(request["output"]) as ours, np.load(job.output) as reference:
             assert ours["mean"].dtype == np.float32 and bool(ours["random_weights"])
@@ -590,9 +593,9 @@ def test_encode_slat_latents_packs_assets_and_keeps_voxel_order(tmp_path):
         inputs[sha] = (surface_voxels(n, seed=30 + i), random_patchtokens(n, channels, seed=i))
         write_features(tmp_path / "features" / f"{sha}.npz", indices=inputs[sha][0], patchtokens=inputs[sha][1])
         jobs.append(LatentJob(sha, tmp_path / "features" / f"{sha}.npz", tmp_path / "packed" / f"{sha}.npz"))
-    assert latents.encode_slat_latents(jobs, encoder, device="cpu", max_voxels_per_batch=10_000) == {}
+    assert errors.failures(latents.encode_slat_latents(jobs, encoder, device="cpu", max_voxels_per_batch=10_000)) == {}
     alone = [LatentJob(j.sha256, j.source, tmp_path / "alone" / j.output.name) for j in jobs]
-    assert latents.encode_slat_latents(alone, encoder, device="cpu", max_voxels_per_batch=1) == {}
+    assert errors.failures(latents.encode_slat_latents(alone, encoder, device="cpu", max_voxels_per_batch=1)) == {}
     for job, single in zip(jobs, alone):
         indices, tokens = inputs[job.sha256]
         with np.load(job.output) as packed, np.load(single.output) as one:
@@ -636,7 +639,7 @@ def test_encode_slat_latents_names_each_bad_feature_file(tmp_path):
     write_features(tmp_path / "good.npz", indices=idx, patchtokens=tok)
     jobs.append(LatentJob("good", tmp_path / "good.npz", tmp_path / "out" / "good.npz"))
 
-    failures = latents.encode_slat_latents(jobs, encoder, device="cpu")
+    failures = errors.failures(latents.encode_slat_latents(jobs, encoder, device="cpu"))
     assert set(failures) == set(cases) | {"corrupt"}
     for name, (_, phrase) in cases.items():
         assert phrase in failures[name].reason, (name, failures[name].reason)
@@ -662,7 +665,7 @@ def test_non_finite_latent_fails_only_its_asset_and_random_inputs_are_flagged(tm
         flag = {"random_weights": np.bool_(True)} if i == 2 else {}  # features of a random model
         write_features(tmp_path / f"{i}.npz", indices=surface_voxels(200, seed=i), patchtokens=random_patchtokens(200, 32), **flag)
         jobs.append(LatentJob(str(i), tmp_path / f"{i}.npz", tmp_path / "out" / f"{i}.npz"))
-    failures = latents.encode_slat_latents(jobs, encoder, device="cpu", max_voxels_per_batch=10_000)
+    failures = errors.failures(latents.encode_slat_latents(jobs, encoder, device="cpu", max_voxels_per_batch=10_000))
     assert set(failures) == {"1"} and "non-finite latent" in failures["1"].reason
     assert (tmp_path / "out" / "0.npz").exists() and (tmp_path / "out" / "2.npz").exists()
     with np.load(tmp_path / "out" / "0.npz") as data:
@@ -706,8 +709,8 @@ def test_official_architectures_encode_on_cpu(tmp_path):
     write_features(tmp_path / "features" / f"{sha}.npz", indices=indices, patchtokens=random_patchtokens(2500, 1024))
     ss_job = LatentJob(sha, tmp_path / "voxels" / f"{sha}.ply", tmp_path / "ss" / f"{sha}.npz")
     slat_job = LatentJob(sha, tmp_path / "features" / f"{sha}.npz", tmp_path / "slat" / f"{sha}.npz")
-    assert latents.encode_ss_latents([ss_job], "random", device="cpu") == {}
-    assert latents.encode_slat_latents([slat_job], "random", device="cpu") == {}
+    assert errors.failures(latents.encode_ss_latents([ss_job], "random", device="cpu")) == {}
+    assert errors.failures(latents.encode_slat_latents([slat_job], "random", device="cpu")) == {}
     with np.load(ss_job.output) as ss, np.load(slat_job.output) as slat:
         assert ss["mean"].shape == (8, 16, 16, 16) and np.isfinite(ss["mean"]).all() and ss["mean"].std() > 0
         assert slat["feats"].shape == (2500, 8) and slat["feats"].std() > 0

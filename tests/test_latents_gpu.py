@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slatflow.errors import failures
 from slatflow.latents import (
     LatentJob,
     encode_slat_latents,
@@ -68,10 +69,10 @@ def test_slat_cpu_equals_gpu_fp32_and_fp16_error():
     encoder = load_encoder("random", "slat")
     with tempfile.TemporaryDirectory() as tmp:
         jobs = write_feature_files(Path(tmp), [5000, 1200, 20000])
-        assert encode_slat_latents(relocated(jobs, "cpu"), encoder, device="cpu") == {}
-        assert encode_slat_latents(relocated(jobs, "fp32"), encoder, device="cuda", precision="fp32") == {}
-        assert encode_slat_latents(relocated(jobs, "fp32_alone"), encoder, device="cuda", precision="fp32", max_voxels_per_batch=1) == {}
-        assert encode_slat_latents(relocated(jobs, "auto"), encoder, device="cuda") == {}  # fp16 torso, packed
+        assert failures(encode_slat_latents(relocated(jobs, "cpu"), encoder, device="cpu")) == {}
+        assert failures(encode_slat_latents(relocated(jobs, "fp32"), encoder, device="cuda", precision="fp32")) == {}
+        assert failures(encode_slat_latents(relocated(jobs, "fp32_alone"), encoder, device="cuda", precision="fp32", max_voxels_per_batch=1)) == {}
+        assert failures(encode_slat_latents(relocated(jobs, "auto"), encoder, device="cuda")) == {}  # fp16 torso, packed
         for job in jobs:
             cpu, gpu = read_feats(job, "cpu"), read_feats(job, "fp32")
             fp32_diff = np.abs(cpu - gpu).max()
@@ -118,9 +119,9 @@ def test_ss_stage_on_gpu_batches_assets():
         for i, n in enumerate((3000, 9000, 15000)):
             write_points_ply(folder / f"{i}.ply", voxel_centres(surface_voxels(n, seed=i)))
             jobs.append(LatentJob(str(i), folder / f"{i}.ply", folder / "batched" / f"{i}.npz"))
-        assert encode_ss_latents(jobs, encoder, device="cuda", batch_size=3) == {}
+        assert failures(encode_ss_latents(jobs, encoder, device="cuda", batch_size=3)) == {}
         alone = [LatentJob(j.sha256, j.source, folder / "alone" / j.output.name) for j in jobs]
-        assert encode_ss_latents(alone, encoder, device="cuda", batch_size=1) == {}
+        assert failures(encode_ss_latents(alone, encoder, device="cuda", batch_size=1)) == {}
         for a, b in zip(jobs, alone):
             with np.load(a.output) as x, np.load(b.output) as y:
                 assert np.abs(x["mean"] - y["mean"]).max() <= 1e-2 * np.abs(y["mean"]).max()

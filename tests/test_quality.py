@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from geometry_fixtures import cube, make_asset, sphere, write_view
+from geometry_fixtures import check_asset_quality, cube, make_asset, sphere, write_view
 
 from slatflow import quality
-from slatflow.geometry import check_quality_assets
+from slatflow.errors import AssetError
 from slatflow.quality import QualitySettings, QualityThresholds
 
 
@@ -85,9 +85,11 @@ def test_check_assets_writes_records_and_metadata_columns(tmp_path):
     make_asset(tmp_path, good, cube(side=0.6))
     make_asset(tmp_path, bad, cube(side=0.6), shifted_voxels=True)
     settings = QualitySettings(num_samples=20_000)
-    errors = check_quality_assets([good, bad, missing], tmp_path, settings)
-    assert errors[0] is None and errors[1] is None
-    assert missing in str(errors[2]) and "does not exist" in str(errors[2])
+    check_asset_quality(tmp_path, good, settings)
+    check_asset_quality(tmp_path, bad, settings)
+    with pytest.raises(AssetError) as caught:
+        check_asset_quality(tmp_path, missing, settings)
+    assert missing in str(caught.value) and "does not exist" in str(caught.value)
 
     record = json.loads((tmp_path / "quality" / f"{good}.json").read_text())
     assert record["mesh"]["chamfer_l1"] < 0.005 and record["mesh"]["fscore"] > 0.99

@@ -34,7 +34,7 @@ from render_fixtures import (
     sha256_of,
 )
 from slatflow.cameras import camera_offset, camera_position, look_at_c2w
-from slatflow.errors import AssetError, ConfigError
+from slatflow.errors import AssetError, ConfigError, raise_first_failure
 from slatflow.io import read_ply_points
 from slatflow.render import (
     SUPPORTED_FORMATS,
@@ -43,7 +43,6 @@ from slatflow.render import (
     RenderSettings,
     asset_format,
     cond_views,
-    raise_failures,
     render_cond_views,
     render_views,
     trellis_views,
@@ -212,7 +211,7 @@ def test_a_clean_exit_without_outputs_is_not_a_render(tmp_path):
     [result] = render_views([_asset(tmp_path)], tmp_path / "renders", fast_settings(python=python))
     assert "did not write" in result.error.reason and "000.png" in result.error.reason
     with pytest.raises(AssetError):
-        raise_failures([result])
+        raise_first_failure([result])
 
 
 _WRITE_OUTPUTS = """

@@ -9,10 +9,9 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from geometry_fixtures import cube, make_asset, sphere
+from geometry_fixtures import check_asset_quality, cube, make_asset, sphere
 
 from slatflow import quality, report
-from slatflow.geometry import check_quality_assets
 from slatflow.quarantine import record_failure
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "rect", "line", "path", "circle"}
@@ -52,7 +51,8 @@ def build_out_tree(out_dir) -> None:
     """Two checked assets (one with broken voxels), one failure, benchmark files, metadata."""
     make_asset(out_dir, GOOD, sphere(0.3, subdivisions=3))
     make_asset(out_dir, SHIFTED, cube(side=0.6), shifted_voxels=True)
-    check_quality_assets([GOOD, SHIFTED], out_dir, quality.QualitySettings(num_samples=5000))
+    for sha256 in (GOOD, SHIFTED):
+        check_asset_quality(out_dir, sha256, quality.QualitySettings(num_samples=5000))
     record_failure(out_dir, "render", FAILED, "Blender timed out after 600 s <script>", "logs/render/x.log")
     for rule, seconds in (("extract_mesh", [1.5, 2.5]), ("quality_check", [0.7, 0.9])):
         for sha, s in zip((GOOD, SHIFTED), seconds):

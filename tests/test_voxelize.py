@@ -28,7 +28,7 @@ from voxelize_fixtures import (
 )
 
 from slatflow.errors import AssetError
-from slatflow.voxelize import clamp_vertices, voxel_centres, voxelize_assets, voxelize_mesh
+from slatflow.voxelize import clamp_vertices, voxel_centres, voxelize_asset, voxelize_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ASSETS = REPO / "sample" / "assets"
@@ -193,15 +193,14 @@ def test_voxelize_asset_matches_trellis_recipe(tmp_path, text, resolution):
     vertices = vertices * 1.02  # a little outside the bounds: the clamp matters
     mesh_path = write_mesh_ply(tmp_path / "renders" / "abc" / "mesh.ply", vertices, faces, text)
     out_path = tmp_path / "voxels" / "abc.ply"
-    (result,) = voxelize_assets([mesh_path], [out_path], resolution=resolution)
-    assert result.error is None and result.sha256 == "abc"
+    num_voxels = voxelize_asset("abc", mesh_path, out_path, resolution)
 
     ply = PlyData.read(str(out_path))
     assert [element.name for element in ply.elements] == ["vertex"]
     assert not ply.text and ply.byte_order == "<"
     assert [(p.name, p.val_dtype) for p in ply["vertex"].properties] == [("x", "f4"), ("y", "f4"), ("z", "f4")]
     centres = np.stack([ply["vertex"][n] for n in "xyz"], axis=-1)  # (N, 3) float32
-    assert result.num_voxels == len(centres)
+    assert num_voxels == len(centres)
     np.testing.assert_array_equal(centres, trellis_reference_centres(mesh_path, resolution).astype(np.float32))
     assert np.array_equal(centres, np.unique(centres, axis=0))  # sorted
 
@@ -240,21 +239,16 @@ def write_bad_meshes(folder: Path) -> dict[str, tuple[Path, str]]:
     return bad
 
 
-def test_bad_assets_fail_alone_with_clear_reasons(tmp_path):
+def test_bad_meshes_fail_with_clear_reasons(tmp_path):
     bad = write_bad_meshes(tmp_path / "renders")
+    for name, (path, reason) in bad.items():
+        out_path = tmp_path / "voxels" / f"{name}.ply"
+        with pytest.raises(AssetError) as caught:
+            voxelize_asset(name, path, out_path)
+        assert caught.value.sha256 == name and caught.value.stage == "voxelize"
+        assert reason in caught.value.reason, (name, caught.value.reason)
+        assert "\n" not in caught.value.reason
+        assert not out_path.exists()
     good = write_mesh_ply(tmp_path / "renders" / "good" / "mesh.ply", *trimesh_primitive("cone"))
-    names = [*bad, "good"]
-    mesh_paths = [path for path, _ in bad.values()] + [good]
-    out_paths = [tmp_path / "voxels" / f"{name}.ply" for name in names]
-
-    results = voxelize_assets(mesh_paths, out_paths, sha256s=names)
-
-    assert [r.sha256 for r in results] == names
-    for result, (name, (path, reason)) in zip(results, bad.items()):
-        assert isinstance(result.error, AssetError), name
-        assert result.error.sha256 == name and result.error.stage == "voxelize"
-        assert reason in result.error.reason, (name, result.error.reason)
-        assert "\n" not in result.error.reason
-        assert not result.out_path.exists()
-    assert results[-1].error is None and results[-1].num_voxels > 0
-    assert out_paths[-1].exists()
+    assert voxelize_asset("good", good, tmp_path / "voxels" / "good.ply") > 0
+    assert (tmp_path / "voxels" / "good.ply").exists()

@@ -190,6 +190,8 @@ def test_model_stages_write_the_same_outputs_through_a_worker(tmp_path, monkeypa
     from features_fixtures import write_synthetic_asset
     from latents_fixtures import TINY_SS_ARGS
     from slatflow.feature_settings import FeatureSettings
+    from slatflow.features import FeatureJob
+    from slatflow.latents import LatentJob
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     sockets = Path(tempfile.mkdtemp(prefix="sfw", dir="/tmp"))
@@ -200,11 +202,11 @@ def test_model_stages_write_the_same_outputs_through_a_worker(tmp_path, monkeypa
     stages = {
         "features": (
             asdict(FeatureSettings(model="dinov2_vits14_reg", weights="random", image_size=56, device="cpu", decode_workers=1)),
-            lambda sha, out: {"sha256": sha, "render_dir": str(inputs[sha][0]), "voxels": str(inputs[sha][1]), "output": out},
+            lambda sha, out: FeatureJob(sha, inputs[sha][0], inputs[sha][1], Path(out)).to_request(),
         ),
         "ss_latent": (
             {"latents": {"ss_encoder": "random", "random_ss_args": TINY_SS_ARGS, "device": "cpu"}, "threads": 1},
-            lambda sha, out: {"sha256": sha, "source": str(inputs[sha][1]), "output": out},
+            lambda sha, out: LatentJob(sha, inputs[sha][1], Path(out)).to_request(),
         ),
     }
     try:
