@@ -1,5 +1,5 @@
 # Download: TRELLIS-500K assets fetched to raw/<subset>/<sha256>/ (source.type trellis500k).
-# Settings and helpers are in rules/common.smk (--- download); the logic in
+# Settings and helpers are in rules/common.smk; the logic in
 # slatflow/download.py. Other sources' files exist already: these rules never run for them.
 
 

@@ -1,5 +1,5 @@
 # Features: DINOv2 patch features of the renders averaged onto the voxels (TRELLIS's
-# extract_feature.py recipe). Settings and helpers are in rules/common.smk (--- features);
+# extract_feature.py recipe). Settings and helpers are in rules/common.smk;
 # the logic in slatflow/features.py.
 
 

@@ -1,6 +1,6 @@
 # Geometry: watertight meshes by the NeuS recipe (meshes/<sha256>.ply), optional SDF samples
 # (sdf/<sha256>.npz), per-asset quality checks (quality/<sha256>.json) and the HTML report.
-# Settings and helpers are in rules/common.smk (--- geometry); the logic in
+# Settings and helpers are in rules/common.smk; the logic in
 # slatflow/geometry.py, slatflow/quality.py and slatflow/report.py.
 
 

@@ -1,5 +1,5 @@
 # Latents: TRELLIS's sparse-structure and SLat encoders (pure PyTorch), and SLat statistics.
-# Names and helpers are in rules/common.smk (--- latents); the logic in slatflow/latents.py.
+# Names and helpers are in rules/common.smk; the logic in slatflow/latents.py.
 
 
 register_stage_target("ss_latents", out(f"ss_latents/{SS_LATENT_NAME}/{{sha256}}.npz"))

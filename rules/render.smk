@@ -1,5 +1,5 @@
 # Render: Blender views, mesh.ply and conditioning views of each asset (TRELLIS's settings).
-# Settings and helpers are in rules/common.smk (--- render); the logic in slatflow/render.py.
+# Settings and helpers are in rules/common.smk; the logic in slatflow/render.py.
 
 
 register_stage_target("renders", out("renders/{sha256}/transforms.json"))

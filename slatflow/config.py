@@ -16,7 +16,7 @@ import yaml
 from slatflow.errors import ConfigError
 from slatflow.grid import MAX_UINT8_RESOLUTION, TRELLIS_RESOLUTION
 from slatflow.ingest import parse_shard
-from slatflow.stages import ALL_TARGET, STAGE_BY_NAME, STAGE_BY_TARGET, STAGES
+from slatflow.stages import ALL_TARGET, STAGE_BY_TARGET, STAGES, with_upstream
 
 
 def _key_path(error) -> str:
@@ -77,16 +77,8 @@ def built_stages(config: dict, targets: Iterable[str]) -> set[str]:
     with every stage they are built from."""
     named = set(targets)
     if not named or ALL_TARGET in named:
-        pending = [stage.name for stage in STAGES if stage.target and stage.in_all_for(config)]
-    else:
-        pending = [STAGE_BY_TARGET[name].name for name in named if name in STAGE_BY_TARGET]
-    built: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name not in built:
-            built.add(name)
-            pending.extend(STAGE_BY_NAME[name].upstream)
-    return built
+        return with_upstream(stage.name for stage in STAGES if stage.target and stage.in_all_for(config))
+    return with_upstream(STAGE_BY_TARGET[name].name for name in named if name in STAGE_BY_TARGET)
 
 
 def check_voxel_grid(config: dict, targets: Iterable[str]) -> None:

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
-from slatflow.stages import ALL_TARGET, STAGE_BY_TARGET, upstream_targets
+from slatflow.stages import ALL_TARGET, STAGE_BY_NAME, STAGE_BY_TARGET, upstream_targets, with_upstream
 
 # A target's file pattern with {sha256}, or a function of the assets' sha256s that returns
 # one file per asset (downloads' files come from the manifest).
@@ -78,12 +78,10 @@ class StageTarget:
     Attributes:
         patterns: its per-asset files; none for a target of no files of its own (the report).
         in_all: part of `all` under this config.
-        after: the targets whose outputs its files are built from.
     """
 
     patterns: tuple[Pattern, ...]
     in_all: bool
-    after: tuple[str, ...]
 
     def files(self, sha256s: Sequence[str]) -> list[str]:
         """Its files for these assets, pattern by pattern."""
@@ -110,7 +108,7 @@ class StageTargets:
             KeyError: `name` is no target of the stage table.
         """
         stage = STAGE_BY_TARGET[name]
-        self.targets[name] = StageTarget(patterns, stage.in_all_for(self.config), upstream_targets(stage))
+        self.targets[name] = StageTarget(patterns, stage.in_all_for(self.config))
 
     def files(self, name: str, sha256s: Sequence[str]) -> list[str]:
         return self.targets[name].files(sha256s)
@@ -128,19 +126,14 @@ class StageTargets:
         requested = named & self.targets.keys()
         for name in list(requested):
             if not self.targets[name].patterns:
-                requested |= set(self.targets[name].after)
+                requested |= set(upstream_targets(STAGE_BY_TARGET[name]))
         return requested
 
     def upstream(self, requested: Iterable[str]) -> set[str]:
         """The targets the requested ones are built after, transitively (not themselves)."""
         requested = set(requested)
-        upstream, pending = set(), list(requested)
-        while pending:
-            for name in self.targets[pending.pop()].after:
-                if name not in upstream:
-                    upstream.add(name)
-                    pending.append(name)
-        return upstream - requested
+        stages = with_upstream(STAGE_BY_TARGET[name].name for name in requested)
+        return ({STAGE_BY_NAME[stage].target for stage in stages} & self.targets.keys()) - requested
 
     def metadata_inputs(
         self, named: Iterable[str], sha256s: Sequence[str], exists: Callable[[str], bool] = os.path.exists

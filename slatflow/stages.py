@@ -14,6 +14,7 @@ This module imports nothing of slatflow: every floor may read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,18 @@ ALL_TARGET = "all"
 def upstream_targets(stage: Stage) -> tuple[str, ...]:
     """The targets `stage`'s target is built from."""
     return tuple(STAGE_BY_NAME[name].target for name in stage.upstream if STAGE_BY_NAME[name].target)
+
+
+def with_upstream(names: Iterable[str]) -> set[str]:
+    """The named stages and every stage they are built from, transitively."""
+    built: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name not in built:
+            built.add(name)
+            pending.extend(STAGE_BY_NAME[name].upstream)
+    return built
 
 
 def workflow_rules() -> set[str]:
