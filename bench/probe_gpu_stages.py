@@ -111,209 +111,111 @@ def env():
     log("cudnn", torch.backends.cudnn.version())
 
 
+
 @section("vit")
 def vit(args, out):
+    """ViT-L over 150 views: the compiled, graphed forward with and without matmul epilogues."""
     from features_fixtures import random_official_state_dict
 
-    from bench_features import make_assets, vit_flops
+    from bench_features import vit_flops
     from slatflow.dinov2 import ARCHITECTURES, FusedDinov2, model_from_official_state_dict
-    from slatflow.features import decode_view, lanczos_resize_rgba, FeatureExtractor, FeatureSettings
-    from slatflow.dinov2 import LoadedDinov2
 
     arch = ARCHITECTURES["dinov2_vitl14_reg"]
-    state = random_official_state_dict(arch, seed=0)
-    model = model_from_official_state_dict(state, arch).cuda().eval()
+    model = model_from_official_state_dict(random_official_state_dict(arch, seed=0), arch).cuda().eval()
     flops = vit_flops(arch, 518) * 150
-    jobs = make_assets(out / "data", 2, 150, 512, 0.48)
-    raw = torch.from_numpy(np.stack([decode_view("x", p, None) for p in sorted(jobs[0].render_dir.glob("*.png"))]))
-    views = lanczos_resize_rgba(raw.cuda(), 518)
-    mean = torch.tensor((0.485, 0.456, 0.406), device="cuda").view(3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225), device="cuda").view(3, 1, 1)
-    pixels = (((views.permute(0, 3, 1, 2).float() / 255)[:, :3] * (views.permute(0, 3, 1, 2).float() / 255)[:, 3:]) - mean) / std
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pixels = torch.randn(150, 3, 518, 518, device="cuda", generator=gen)
+    with torch.inference_mode():
+        reference = torch.cat([FusedDinov2(model, torch.float32, epilogues=False)(pixels[i:i + 10]) for i in range(0, 20, 10)])
 
     def timed(name, fwd, batch):
         parts = [pixels[i:i + batch] for i in range(0, 150, batch)]
 
         def run():
             with torch.inference_mode():
-                for p in parts:
-                    fwd(p)
+                for part in parts:
+                    fwd(part)
         try:
             ms = gpu_ms(run, repeats=3)
-            log(f"  {name:55s} {ms:7.1f} ms  {flops / ms / 1e9:5.0f} TFLOP/s")
+            with torch.inference_mode():
+                got = torch.cat([fwd(pixels[i:i + batch])[: 20 - i] for i in range(0, 20, batch)])[:20]
+            cos = F.cosine_similarity(got.float(), reference, dim=1).min().item()
+            log(f"  {name:48s} {ms:7.1f} ms  {flops / ms / 1e9:5.0f} TFLOP/s  min cos {cos:.6f}")
         except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
             log(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
         return run
 
-    for backend in ("auto", "cudnn", "flash"):
-        f = FusedDinov2(model, torch.bfloat16, backend).to("cuda")
-        timed(f"eager {backend} b30", f, 30)
-    comp = {}
-    for backend in ("auto", "cudnn"):
-        comp[backend] = FusedDinov2(model, torch.bfloat16, backend, compile=True).to("cuda")
-        run = timed(f"compiled {backend} b30", comp[backend], 30)
-    log("  kernel table, compiled auto b30:")
-    kernel_table(lambda: [comp["auto"](pixels[i:i + 30]) for i in range(0, 150, 30)])
-    for b in (50,):
-        timed(f"compiled auto b{b}", comp["auto"], b)
-    # CUDA graph of the whole compiled forward at batch 30
     try:
-        f = comp["auto"]
-        static_in = pixels[:30].clone()
-        with torch.inference_mode():
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    f(static_in)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = f(static_in)
+        from torch.nn.attention import activate_flash_attention_impl
 
-        def graphed(p):
-            static_in.copy_(p)
-            g.replay()
-            return static_out
-        timed("compiled auto b30 + CUDA graph", graphed, 30)
+        activate_flash_attention_impl("FA3")
+        log("  FA3 activated")
     except Exception as e:  # noqa: BLE001
-        log("  graph failed", type(e).__name__, str(e)[:300])
-    # the stream's pieces, one asset, compiled default extractor
-    loaded = LoadedDinov2(model, arch, "random", True)
-    ex = FeatureExtractor(FeatureSettings(model="dinov2_vitl14_reg", weights="random", device="cuda", compile=False,
-                                          decode_workers=os.cpu_count()), loaded)
-    ex.fused = comp["auto"]
-    from slatflow.features import write_features
-    ex.process(jobs[0])  # compile
-    job = jobs[1]
-    for rep in range(2):
-        t = time.perf_counter(); asset = ex._prepare(job, ex._decode_pool()); [f.result() for f in asset.images]
-        t1 = time.perf_counter(); staged = ex._stage_views(asset)
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            res = ex._enqueue(asset, staged)
-            t3 = time.perf_counter()
-            torch.cuda.synchronize()
-            t4 = time.perf_counter()
-            feats = ex._collect(asset, res)
-        t5 = time.perf_counter()
-        write_features(out / "w0.npz", feats, False, 0)
-        t6 = time.perf_counter()
-        write_features(out / "w1.npz", feats, False, 1)
-        t7 = time.perf_counter()
-        log(f"  pieces ms: decode(16 thr) {1e3*(t1-t):.0f}  stage/pin {1e3*(t2-t1):.0f}  enqueue(cpu) {1e3*(t3-t2):.0f}"
-            f"  gpu-wait {1e3*(t4-t3):.0f}  collect {1e3*(t5-t4):.0f}  write L0 {1e3*(t6-t5):.0f}  L1 {1e3*(t7-t6):.0f}"
-            f"  ({len(feats.indices)} voxels)")
-    with torch.inference_mode():
-        log("  kernel table, one asset's _enqueue:")
-        kernel_table(lambda: ex._enqueue(asset, staged), top=10)
-    # bias + GELU epilogue: max-autotune GEMM templates for the block (time-boxed)
-    if time.perf_counter() - T0 < 330:
-        import torch._inductor.config as ic
-        torch._dynamo.reset()
-        s = time.perf_counter()
-        try:
-            f = FusedDinov2(model, torch.bfloat16, "auto")
-            f._block = torch.compile(f._block_eager, dynamic=False, mode="max-autotune-no-cudagraphs")
-            f.to("cuda")
-            with torch.inference_mode():
-                f(pixels[:30])
-            log(f"  max-autotune compile {time.perf_counter() - s:.0f} s")
-            timed("max-autotune-no-cudagraphs auto b30", f, 30)
-        except Exception as e:  # noqa: BLE001
-            log("  max-autotune failed", type(e).__name__, str(e)[:300])
-
-
-def fast_npz(path):
-    """Prototype: whole-member inflate in one call (GIL released), CRC checked."""
-    import struct
-    import zipfile
-
-    out = {}
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    for info in infos:
-        off = info.header_offset
-        n, m = struct.unpack("<HH", raw[off + 26:off + 30])
-        start = off + 30 + n + m
-        comp = memoryview(raw)[start:start + info.compress_size]
-        data = zlib.decompressobj(-15).decompress(comp) if info.compress_type == 8 else comp
-        if zlib.crc32(data) != info.CRC:
-            raise ValueError("crc")
-        import io as bio
-        b = bio.BytesIO(memoryview(data)[:256])
-        ver = np.lib.format.read_magic(b)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if ver == (1, 0) else np.lib.format.read_array_header_2_0)(b)
-        out[info.filename[:-4]] = np.frombuffer(data, dtype, offset=b.tell()).reshape(shape, order="F" if fortran else "C")
-    return out
-
-
-@section("npz read")
-def npz_read(out):
-    from latents_fixtures import random_patchtokens, surface_voxels
-
-    from slatflow import io, latents
-    from concurrent.futures import ThreadPoolExecutor
-
-    idx = surface_voxels(32768, seed=0)
-    tok = random_patchtokens(len(idx), 1024, seed=0)
-    for level in (0, 1):
-        paths = []
-        for i in range(8):
-            p = out / f"r{level}_{i}.npz"
-            io.save_npz_atomic(p, compresslevel=level, indices=idx, patchtokens=tok)
-            paths.append(p)
-        t = time.perf_counter(); latents.read_sparse_features("x", paths[0], 1024); a = time.perf_counter() - t
+        log(f"  FA3: {type(e).__name__}: {str(e)[:200]}")
+    for name, epilogues, tunable in (("no epilogues", False, False), ("epilogues", True, False),
+                                     ("epilogues + TunableOp", True, True)):
+        if tunable:
+            torch.cuda.tunable.enable(True)
+            torch.cuda.tunable.set_filename(str(out / "tunableop.csv"))
+        f = FusedDinov2(model, torch.bfloat16, "auto", compile=True, cuda_graph=True, epilogues=epilogues).to("cuda")
         t = time.perf_counter()
-        with np.load(paths[0]) as d:
-            d["patchtokens"]
-        b = time.perf_counter() - t
-        t = time.perf_counter(); r = fast_npz(paths[0]); c = time.perf_counter() - t
-        assert np.array_equal(r["patchtokens"], tok)
-        t = time.perf_counter(); latents._all_finite(tok); fin = time.perf_counter() - t
-        with ThreadPoolExecutor(8) as pool:
-            t = time.perf_counter(); list(pool.map(lambda p: latents.read_sparse_features("x", p, 1024), paths)); d8 = (time.perf_counter() - t) / 8
-            t = time.perf_counter(); list(pool.map(fast_npz, paths)); f8 = (time.perf_counter() - t) / 8
-        log(f"  level {level}: read_sparse_features {1e3*a:.0f} ms, np.load {1e3*b:.0f}, fast {1e3*c:.0f}, finite {1e3*fin:.0f};"
-            f" 8 threads per file: read_sparse_features {1e3*d8:.1f} ms, fast {1e3*f8:.1f} ms")
-        big = torch.from_numpy(np.concatenate([tok] * 4))
-        t = time.perf_counter(); big.cuda(); torch.cuda.synchronize(); h = time.perf_counter() - t
-        pin = big.pin_memory()
-        t = time.perf_counter(); pin.cuda(); torch.cuda.synchronize(); hp = time.perf_counter() - t
-        t = time.perf_counter(); np.concatenate([tok] * 4); cc = time.perf_counter() - t
-        log(f"  4x32k fp16: concat {1e3*cc:.0f} ms, H2D pageable {1e3*h:.0f} ms, pinned {1e3*hp:.1f} ms")
+        with torch.inference_mode():
+            f(pixels[:50])
+        log(f"  {name}: first call (compile, tuning, capture) {time.perf_counter() - t:.1f} s")
+        for batch in (50, 30):
+            timed(f"compiled+graph {name} b{batch}", f, batch)
+        if not tunable:
+            log(f"  kernel table, {name} b50 (no graph):")
+            f.cuda_graph = False
+            with torch.inference_mode():
+                kernel_table(lambda: [f(pixels[i:i + 50]) for i in range(0, 150, 50)], top=12)
+        del f
+        torch.cuda.empty_cache()
+    torch.cuda.tunable.enable(False)
 
 
-def varlen_windowed_attention(qkv, coords, window_size, shift):
-    from torch.nn.attention.varlen import varlen_attn
+@section("gemm")
+def gemm():
+    """ViT-L's four matmuls at 50 views (M = 68,700 tokens): weight layouts and epilogues."""
+    import torch.nn.functional as F
 
-    coords = coords.long()
-    batch, xyz = coords[:, 0], coords[:, 1:]
-    side = 64
-    cells = (xyz + shift) // window_size
-    per_axis = (side - 1 + shift) // window_size + 1
-    window = ((batch * per_axis + cells[:, 0]) * per_axis + cells[:, 1]) * per_axis + cells[:, 2]
-    voxel = (xyz[:, 0] * side + xyz[:, 1]) * side + xyz[:, 2]
-    order = torch.argsort(window * side**3 + voxel)
-    _, lengths = torch.unique_consecutive(window[order], return_counts=True)
-    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).int()
-    mx = int(lengths.max())
-    q, k, v = qkv[order].unbind(1)
-    o = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, mx, mx)
-    out = torch.empty_like(o)
-    out[order] = o
-    return out
+    m, d = 50 * 1374, 1024
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, d, device="cuda", generator=gen)
+    h = x.bfloat16()
+    u = torch.randn(m, 4 * d, device="cuda", generator=gen).bfloat16()
+    unit = 2 * m * d * d / 1e9  # GFLOP of a D x D matmul over the tokens
+
+    def row(name, fn, units):
+        ms = gpu_ms(fn, repeats=20, warmup=3)
+        log(f"  {name:44s} {ms:6.3f} ms  {units * unit / ms:5.0f} TFLOP/s")
+
+    for n, k, a, units in ((3 * d, d, h, 3), (d, d, h, 1), (4 * d, d, h, 4), (d, 4 * d, u, 4)):
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).bfloat16()
+        wt = w.t().contiguous()
+        b = torch.randn(n, device="cuda", generator=gen).bfloat16()
+        tag = f"N={n} K={k}"
+        row(f"{tag} linear+bias", lambda: F.linear(a, w, b), units)
+        row(f"{tag} addmm(b, a, W^T contiguous)", lambda: torch.addmm(b, a, wt), units)
+        if n == 4 * d:
+            row(f"{tag} gelu epilogue, W.t()", lambda: torch._addmm_activation(b, a, w.t(), use_gelu=True), units)
+            row(f"{tag} gelu epilogue, W^T contiguous", lambda: torch._addmm_activation(b, a, wt, use_gelu=True), units)
+        if n == d:
+            c = x.clone()
+            row(f"{tag} residual epilogue fp32 C, W.t()", lambda: torch.addmm(c, a, w.t(), out_dtype=torch.float32, out=c), units)
+            row(f"{tag} residual epilogue fp32 C, W^T contig", lambda: torch.addmm(c, a, wt, out_dtype=torch.float32, out=c), units)
+            row(f"{tag} mm bf16 out, no bias", lambda: torch.mm(a, w.t()), units)
 
 
 @section("slat")
-def slat():
+def slat(out):
+    """The SLat encoder at 4 x 32k voxels: kernels; a request's pieces; the worker stream."""
     from latents_fixtures import random_patchtokens, surface_voxels
 
-    from slatflow import latents
+    from bench_pipeline_gpu import WorkerInProcess, latent_requests
+    from slatflow import io, latents
     from slatflow.models import load_encoder
-    from slatflow.models import slat_encoder as se
 
     placed = latents.place(load_encoder("random", "slat"), "slat", "cuda", "auto")
     model = placed.model
@@ -321,99 +223,115 @@ def slat():
     coords = torch.from_numpy(np.concatenate([np.concatenate([np.full((len(i), 1), b), i], 1) for b, (i, _) in enumerate(inputs)]).astype(np.int64)).cuda()
     feats = torch.from_numpy(np.concatenate([t for _, t in inputs])).cuda().float()
     with torch.inference_mode():
-        ref = model(feats, coords)
         ms = wall_ms(lambda: model(feats, coords), repeats=5)
-        log(f"  current: {ms:.1f} ms per 4x32k forward ({ms / 4:.1f} ms/asset)")
-        kernel_table(lambda: model(feats, coords), top=10)
-        # varlen prototype: patch the attention module's forward
-        orig = se.SparseMultiHeadAttention.forward
+        log(f"  forward: {ms:.1f} ms per 4x32k ({ms / 4:.1f} ms/asset)")
+        kernel_table(lambda: model(feats, coords), top=16)
+        from slatflow.models import slat_encoder
+        log(f"  varlen on views of qkv: {slat_encoder._VARLEN_TAKES_STRIDED[0]}")
+        available = slat_encoder.packed_attention_available
+        slat_encoder.packed_attention_available = lambda *a: False
+        bucketed = model(feats, coords)
+        slat_encoder.packed_attention_available = available
+        packed = model(feats, coords)
+        log(f"  packed vs bucketed rel {((packed - bucketed).abs().max() / bucketed.abs().max()).item():.2e}")
+    paths = []
+    for i in range(24):
+        idx, tok = inputs[i % 4]
+        path = out / f"slat_src_{i}.npz"
+        io.save_npz_atomic(path, compresslevel=0, indices=idx, patchtokens=tok)
+        paths.append(path)
+    from concurrent.futures import ThreadPoolExecutor
 
-        def fwd(self, x, partition):
-            num = x.shape[0]
-            qkv = self.to_qkv(x).reshape(num, 3, self.num_heads, -1)
-            h = varlen_windowed_attention(qkv, partition, 8, partition_shift[id(partition)])
-            return self.to_out(h.reshape(num, -1))
+    def per_file(fn, threads):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fn, paths[:threads]))  # warm
+            t = time.perf_counter()
+            list(pool.map(fn, paths))
+            return 1e3 * (time.perf_counter() - t) / len(paths)
 
-        orig_block = se.SparseTransformerBlock.forward
-        partition_shift = {}
+    def np_load(p):
+        with np.load(p) as d:
+            return d["patchtokens"], d["indices"]
 
-        def block_fwd(self, x, partition):
-            partition_shift[id(coords)] = self.shift
-            x = x + fwd(self.attn, self.norm1(x), coords)
-            return x + self.mlp(self.norm2(x))
-        se.SparseTransformerBlock.forward = block_fwd
-        orig_partition = se.window_partition
-        se.window_partition = lambda *a: None
-        try:
-            new = model(feats, coords)
-            err = ((new.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = wall_ms(lambda: model(feats, coords), repeats=5)
-            log(f"  varlen flash: {ms:.1f} ms per forward ({ms / 4:.1f} ms/asset), rel err vs current {err:.2e}")
-            kernel_table(lambda: model(feats, coords), top=8)
-        finally:
-            se.window_partition = orig_partition
-            se.SparseTransformerBlock.forward = orig_block
-            se.SparseMultiHeadAttention.forward = orig
+    tok = inputs[0][1]
+    codec = latents._slat_codec(placed)
+    for threads in (1, 8):
+        log(f"  {threads} thread(s), ms per file: np.load {per_file(np_load, threads):.1f}, "
+            f"read_sparse_features {per_file(lambda p: latents.read_sparse_features('x', p, 1024), threads):.1f}, "
+            f"finite check {per_file(lambda p: latents._all_finite(tok), threads):.1f}, "
+            f"pin 64MB {per_file(lambda p: torch.from_numpy(tok).pin_memory(), threads):.1f}, "
+            f"crc32 64MB {per_file(lambda p: zlib.crc32(tok), threads):.1f}, "
+            f"codec read (cuda) {per_file(lambda p: codec.read(latents.LatentJob('x', p, p)), threads):.1f}")
+    handler = latents.request_handler(placed)
+    worker_ = WorkerInProcess("slat", handler, {"probe": 1}, out)
+    for clients in (8, 16):
+        worker_.stream(latent_requests([(f"{i:064x}", p) for i, p in enumerate(paths)], out / f"slat_out{clients}"),
+                       clients, torch.device("cuda"))
 
 
 @section("ss")
-def ss():
+def ss(out):
+    """The SS encoder: batch sizes, kernels, torch.compile; a request's pieces; the stream."""
     from latents_fixtures import surface_voxels
 
-    from slatflow import latents
-    from slatflow.models import common, load_encoder
+    from bench_pipeline_gpu import WorkerInProcess, latent_requests
+    from slatflow import io, latents
+    from slatflow.models import load_encoder
 
-    placed = latents.place(load_encoder("random", "ss"), "ss", "cuda", "auto")
+    placed = latents.place(load_encoder("random", "ss"), "ss", "cuda", "auto", compile=True)
     model = placed.model
     occ = [latents.voxel_occupancy(surface_voxels(20000, seed=i)) for i in range(16)]
-    grids = {b: torch.from_numpy(np.stack(occ[:b])).cuda() for b in (8, 16)}
-    refs = {}
     with torch.inference_mode():
-        for b in (8, 16):
-            g = grids[b]
-            log(f"  input {tuple(g.shape)} {g.dtype}")
-            refs[b] = model(g).float()
-            log(f"  b{b} default: {gpu_ms(lambda: model(g)) / b:.2f} ms/asset")
-        torch.backends.cudnn.benchmark = True
-        for b in (8, 16):
-            g = grids[b]
-            log(f"  b{b} cudnn.benchmark: {gpu_ms(lambda: model(g), warmup=2) / b:.2f} ms/asset")
-        orig = common.ChannelLayerNorm32.forward
-
-        def cl_forward(self, x):
-            h = x.movedim(1, -1)
-            h = F.layer_norm(h.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
-            return h.movedim(-1, 1)
-        common.ChannelLayerNorm32.forward = cl_forward
-        model.to(memory_format=torch.channels_last_3d)
-        try:
-            for b in (8, 16):
-                g = grids[b].contiguous(memory_format=torch.channels_last_3d)
-                err = ((model(g).float() - refs[b]).norm() / refs[b].norm()).item()
-                log(f"  b{b} channels_last rel err {err:.2e}")
-                log(f"  b{b} channels_last + benchmark: {gpu_ms(lambda: model(g), warmup=2) / b:.2f} ms/asset")
-            kernel_table(lambda: model(grids[8].contiguous(memory_format=torch.channels_last_3d)), top=8)
-        finally:
-            common.ChannelLayerNorm32.forward = orig
-        torch.backends.cudnn.benchmark = False
+        t = time.perf_counter()
+        model(torch.from_numpy(np.stack(occ[:8])).cuda())
+        log(f"  compiled first call {time.perf_counter() - t:.1f} s")
+        for b in (1, 2, 4, 8, 16):
+            g = torch.from_numpy(np.stack(occ[:b])).cuda()
+            log(f"  compiled b{b}: {gpu_ms(lambda: model(g)) / b:.2f} ms/asset")
+        g = torch.from_numpy(np.stack(occ[:8])).cuda()
+        eager = model.model(g).float()
+        rel = ((model(g).float() - eager).norm() / eager.norm()).item()
+        log(f"  compiled vs eager rel {rel:.2e}, eager b8 {gpu_ms(lambda: model.model(g)) / 8:.2f} ms/asset")
+        kernel_table(lambda: model(g), top=8)
+    paths = []
+    for i in range(48):
+        path = out / f"ss_src_{i}.ply"
+        io.write_points_ply(path, (surface_voxels(20000, seed=i % 16).astype(np.float32) + 0.5) / 64 - 0.5)
+        paths.append(path)
+    t = time.perf_counter()
+    for p in paths[:8]:
+        idx = latents.read_voxel_indices("x", p)
+    t1 = time.perf_counter()
+    for _ in range(8):
+        latents.voxel_occupancy(idx)
+    t2 = time.perf_counter()
+    for i in range(8):
+        io.save_npz_atomic(out / f"ss_w{i}.npz", mean=np.zeros((8, 16, 16, 16), np.float32))
+    t3 = time.perf_counter()
+    log(f"  ms per asset, 1 thread: read ply {1e3 * (t1 - t) / 8:.1f}, occupancy {1e3 * (t2 - t1) / 8:.1f}, write {1e3 * (t3 - t2) / 8:.1f}")
+    handler = latents.request_handler(placed)
+    worker_ = WorkerInProcess("ss", handler, {"probe": 1}, out)
+    for clients in (8, 16):
+        worker_.stream(latent_requests([(f"{i:064x}", p) for i, p in enumerate(paths)], out / f"ss_out{clients}"),
+                       clients, torch.device("cuda"))
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("/tmp/probe"))
-    p.add_argument("--only", nargs="*", default=["env", "npz", "slat", "ss", "vit"])
+    p.add_argument("--only", nargs="*", default=["env", "slat", "ss", "vit"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import logging
     logging.basicConfig(level=logging.ERROR)
     if "env" in args.only:
         env()
-    if "npz" in args.only:
-        npz_read(args.out)
+    if "gemm" in args.only:
+        gemm()
     if "slat" in args.only:
-        slat()
+        slat(args.out)
     if "ss" in args.only:
-        ss()
+        ss(args.out)
     if "vit" in args.only:
         vit(args, args.out)
     log("done")

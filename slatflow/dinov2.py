@@ -391,6 +391,59 @@ def _layer_tensor(state: Mapping[str, "torch.Tensor"], hub_name: str) -> "torch.
 MAX_CUDA_GRAPHS = 4
 
 
+def _shifted_norm(x, shift, weight, bias, eps: float, dtype):
+    """LayerNorm of x + shift (float32, broadcast over rows), cast to the matmuls' dtype."""
+    import torch.nn.functional as F
+
+    return F.layer_norm(x + shift, (x.shape[-1],), weight, bias, eps).to(dtype)
+
+
+def _running_bias_sums(blocks) -> tuple[list[tuple["torch.Tensor", "torch.Tensor"]], "torch.Tensor"]:
+    """What a residual stream without the output projections' biases lacks: per block, the
+    float32 sum of those biases before its first and before its second LayerNorm; and after
+    the last block."""
+    import torch
+
+    running = torch.zeros_like(blocks[0][0]) if blocks else torch.zeros(0)
+    shifts = []
+    for block in blocks:
+        attention_bias, mlp_bias = block[5].float(), block[11].float()
+        shifts.append((running, running + attention_bias))
+        running = running + attention_bias + mlp_bias
+    return shifts, running
+
+
+def _residual_addmm(x: "torch.Tensor", a: "torch.Tensor", weight: "torch.Tensor") -> "torch.Tensor":
+    """x += a @ weight.T in place, x float32 and a, weight in the matmuls' dtype: the add is
+    the matmul's own beta=1 term (cuBLAS reads x as C), not a kernel of its own."""
+    import torch
+
+    if a.dtype == x.dtype:
+        return x.addmm_(a, weight.t())
+    return torch.addmm(x, a, weight.t(), out_dtype=x.dtype, out=x)
+
+
+_EPILOGUE_SUPPORT: dict[tuple, bool] = {}
+
+
+def _epilogues_supported(device: "torch.device", dtype: "torch.dtype") -> bool:
+    """Whether this build runs `_block_epilogues`' two matmul forms on `device` (probed once)."""
+    import torch
+
+    key = (str(device), dtype)
+    if key not in _EPILOGUE_SUPPORT:
+        try:
+            a = torch.ones(16, 16, device=device, dtype=dtype)
+            c = torch.ones(16, 16, device=device)
+            _residual_addmm(c, torch._addmm_activation(a[0], a, a.t(), use_gelu=True), a)
+            _EPILOGUE_SUPPORT[key] = bool(torch.isfinite(c).all())
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            (logger.warning if device.type == "cuda" else logger.debug)("matmul epilogues unavailable on %s (%s); residual adds and GELU run as kernels",
+                           device, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _EPILOGUE_SUPPORT[key] = False
+    return _EPILOGUE_SUPPORT[key]
+
+
 class FusedDinov2:
     """DINOv2's `x_prenorm` forward for inference, rebuilt from a transformers model's weights.
 
@@ -411,15 +464,21 @@ class FusedDinov2:
             (at most MAX_CUDA_GRAPHS shapes) and replay it: one launch instead of ~300, so
             the calling thread neither waits on a full launch queue holding the GIL nor
             stalls the threads that decode and write other assets.
+        epilogues: run the residual adds and the MLP's GELU inside the matmuls (cuBLASLt
+            epilogues on CUDA) instead of as kernels of their own, where the build can (see
+            `_block_epilogues`). cuBLASLt's GELU is the tanh approximation (at most 5e-4 from
+            the exact one, below a bfloat16 rounding); the CPU's is exact.
     """
 
     def __init__(self, model, dtype: "torch.dtype", attention: str = "auto", compile: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, epilogues: bool = True):
         import torch
 
         self.model = model
         self.cuda_graph = cuda_graph
+        self.epilogues = epilogues
         self._graphs: dict[tuple, tuple] = {}  # (shape, dtype, device) -> (graph, static input, static output)
+        self._cache: dict[tuple, object] = {}  # the patch projection and position embeddings, per device and size
         self.dtype = dtype
         self.backends = _sdpa_backends(attention)
         config = model.config
@@ -444,7 +503,9 @@ class FusedDinov2:
                     get("mlp.fc1.weight").to(dtype), get("mlp.fc1.bias").to(dtype),
                     (get("mlp.fc2.weight") * ls2[:, None]).to(dtype), (get("mlp.fc2.bias") * ls2).to(dtype),
                 ))  # fmt: skip
+        self.shifts, self.final_shift = _running_bias_sums(self.blocks)
         self._block = torch.compile(self._block_eager, dynamic=False) if compile else self._block_eager
+        self._norm = torch.compile(_shifted_norm, dynamic=False) if compile else _shifted_norm
 
     def _block_eager(self, x, n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b):
         """One block: x float32 (B, T, D) -> float32 (B, T, D)."""
@@ -458,8 +519,28 @@ class FusedDinov2:
         h = F.layer_norm(x, (width,), n2w, n2b, self.eps).to(self.dtype)
         return x + F.linear(F.gelu(F.linear(h, f1w, f1b)), f2w, f2b)
 
+    def _block_epilogues(self, x, shape, shift1, shift2, n1w, n1b, qkv_w, qkv_b, o_w, _o_b, n2w, n2b, f1w, f1b, f2w, _f2b):
+        """One block in place on a flat float32 residual stream x (B*T, D) that lacks the output
+        projections' biases: shift1/shift2 carry their running sums (_running_bias_sums), added
+        inside the LayerNorms' kernel, so each residual add can be the beta=1 term of its matmul
+        (bfloat16 x bfloat16 + float32 -> float32), and the GELU is fc1's epilogue. Per block
+        this saves the residual adds' and the GELU's passes over the activations."""
+        import torch
+        import torch.nn.functional as F
+
+        batch, tokens = shape
+        width = x.shape[1]
+        h = self._norm(x, shift1, n1w, n1b, self.eps, self.dtype)
+        q, k, v = F.linear(h, qkv_w, qkv_b).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch * tokens, width)
+        _residual_addmm(x, attn, o_w)
+        h = self._norm(x, shift2, n2w, n2b, self.eps, self.dtype)
+        return _residual_addmm(x, torch._addmm_activation(f1b, h, f1w.t(), use_gelu=True), f2w)
+
     def to(self, device) -> "FusedDinov2":
         self.blocks = [tuple(t.to(device) for t in block) for block in self.blocks]
+        self.shifts = [(s1.to(device), s2.to(device)) for s1, s2 in self.shifts]
+        self.final_shift = self.final_shift.to(device)
         return self
 
     def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
@@ -513,23 +594,71 @@ class FusedDinov2:
 
         batch, _, size, _ = pixels.shape
         grid = size // self.patch_size
-        with torch.autocast(pixels.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            hidden = self.model.embeddings(pixels)  # (B, 1 + R + P, D); the patch conv in bf16
-        x = hidden.float()
+        hidden = self._embed(pixels)  # (B, 1 + R + P, D) float32
         with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
             try:
-                out = x
-                for block in self.blocks:
-                    out = self._block(out, *block)
+                x = self._blocks(hidden.to(torch.float32, copy=True))
             except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton: run eager
-                if self._block == self._block_eager:
+                if self._block == self._block_eager and self._norm == _shifted_norm:
                     raise
                 logger.warning("torch.compile failed (%s: %s); the model runs uncompiled",
                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                self._block = self._block_eager
-                out = x
-                for block in self.blocks:
-                    out = self._block(out, *block)
-            x = out
+                self._block, self._norm = self._block_eager, _shifted_norm
+                x = self._blocks(hidden.to(torch.float32, copy=True))
         tokens = x[:, 1 + self.num_register_tokens :]  # (B, P, D)
         return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)
+
+    def _embed(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """transformers' embeddings (patch conv, cls token + position, registers), float32 out,
+        with the patch conv as one matmul over the unfolded patches in the matmuls' dtype: for
+        a stride-14 14x14 conv cuDNN picks a generic kernel, ~4.5 ms per 50 views on an H200."""
+        import torch
+        import torch.nn.functional as F
+
+        batch, channels, height, width = pixels.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        patches = (pixels[:, :, : rows * p, : cols * p].to(self.dtype)
+                   .reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(batch * rows * cols, channels * p * p))  # (B*P, C*p*p), rows of the conv's dot products
+        weight, bias = self._patch_projection(pixels.device)
+        tokens = F.linear(patches, weight, bias).view(batch, rows * cols, -1).float()  # (B, P, D)
+        position = self._position_embeddings(height, width, pixels.device)  # (1, 1 + P, D) float32
+        embeddings = self.model.embeddings
+        cls = (embeddings.cls_token + position[:, :1]).expand(batch, -1, -1)
+        registers = embeddings.register_tokens.expand(batch, -1, -1)
+        return torch.cat([cls, registers, tokens + position[:, 1:]], dim=1)
+
+    def _patch_projection(self, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+        key = ("patch", str(device))
+        if key not in self._cache:
+            conv = self.model.embeddings.patch_embeddings.projection
+            self._cache[key] = (conv.weight.detach().reshape(conv.out_channels, -1).to(device, self.dtype),
+                                conv.bias.detach().to(device, self.dtype))
+        return self._cache[key]
+
+    def _position_embeddings(self, height: int, width: int, device) -> "torch.Tensor":
+        """transformers' (interpolated) position embeddings for this image size, computed once."""
+        import torch
+
+        key = ("position", height, width, str(device))
+        if key not in self._cache:
+            embeddings = self.model.embeddings
+            tokens = torch.empty(1, 1 + (height // self.patch_size) * (width // self.patch_size),
+                                 embeddings.cls_token.shape[-1], device=device)  # only its shape is read
+            with torch.no_grad():
+                self._cache[key] = embeddings.interpolate_pos_encoding(tokens, height, width).float().to(device)
+        return self._cache[key]
+
+    def _blocks(self, x: "torch.Tensor") -> "torch.Tensor":
+        """The blocks over float32 (B, T, D) tokens (x is overwritten: the epilogues add in place)."""
+        if not (self.epilogues and _epilogues_supported(x.device, self.dtype)):
+            for block in self.blocks:
+                x = self._block(x, *block)
+            return x
+        batch, tokens, width = x.shape
+        flat = x.reshape(batch * tokens, width)
+        for (shift1, shift2), block in zip(self.shifts, self.blocks):
+            flat = self._block_epilogues(flat, (batch, tokens), shift1, shift2, *block)
+        return (flat + self.final_shift).view(batch, tokens, width)
+

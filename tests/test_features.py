@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -201,19 +202,59 @@ def test_fused_forward_computes_transformers_prenorm_tokens(tiny_loaded, attenti
     assert (wrong - reference).abs().max() > 0.1
 
 
-def test_a_failing_torch_compile_falls_back_to_the_eager_block(tiny_loaded, caplog):
-    fused = FusedDinov2(tiny_loaded.model, torch.float32)
+@pytest.mark.parametrize("epilogues", [True, False])
+def test_a_failing_torch_compile_falls_back_to_the_eager_block(tiny_loaded, caplog, epilogues):
+    from slatflow.dinov2 import _shifted_norm
+
+    fused = FusedDinov2(tiny_loaded.model, torch.float32, epilogues=epilogues)
     eager = fused._block_eager
 
     def broken(*args):
         raise RuntimeError("Failed to find C compiler")
 
-    fused._block = broken
+    fused._block = fused._norm = broken  # what a compiled block or norm raises at its first call
     pixels = torch.randn(1, 3, 56, 56)
     with torch.no_grad(), caplog.at_level(logging.WARNING):
         out = fused(pixels)
-    assert fused._block == eager and "torch.compile failed (RuntimeError: Failed to find C compiler)" in caplog.text
+    assert fused._block == eager and fused._norm == _shifted_norm
+    assert "torch.compile failed (RuntimeError: Failed to find C compiler)" in caplog.text
     torch.testing.assert_close(out, prenorm_patch_tokens(tiny_loaded.model, pixels), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 196), (230, 237)])
+def test_patch_matmul_embeddings_equal_transformers(tiny_loaded, size):
+    """The unfolded-patch matmul, cached position embeddings (interpolated for other grids)
+    and token order are transformers' embeddings, also where the image is not square or not
+    a multiple of the patch (the conv drops the remainder)."""
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours = FusedDinov2(tiny_loaded.model, torch.float32)._embed(pixels)
+        theirs = tiny_loaded.model.embeddings(pixels)
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_epilogue_blocks_compute_the_eager_blocks(tiny_loaded):
+    """The residual stream without the output biases, carried by running sums into the norms,
+    is the eager blocks' result; with non-zero biases and layer scales (a random init has
+    zero biases), and a wrong running sum would show."""
+    model = copy.deepcopy(tiny_loaded.model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "lambda1" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        eager = FusedDinov2(model, torch.float32, epilogues=False)(pixels)
+        fused = FusedDinov2(model, torch.float32, epilogues=True)
+        epilogues = fused(pixels)
+        reference = prenorm_patch_tokens(model, pixels)
+        fused.shifts[1] = (fused.shifts[1][0], fused.shifts[1][0])  # block 1's attention bias left out
+        wrong = fused(pixels)
+    torch.testing.assert_close(epilogues, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(epilogues, reference, rtol=1e-4, atol=1e-4)
+    assert (wrong - reference).abs().max() > 1e-2
 
 
 def test_equal_batches_give_the_same_features_as_one_batch(tmp_path, tiny_loaded):

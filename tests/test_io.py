@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from slatflow.io import atomic_path, read_ply_points, save_npz_atomic, write_points_ply
+from slatflow.io import atomic_path, read_npz, read_ply_points, save_npz_atomic, write_points_ply
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
@@ -234,3 +234,60 @@ def test_the_mesh_reader_names_the_stage_reading_and_the_stage_that_wrote(tmp_pa
         read_mesh_ply(sha, mesh, stage)
     assert info.value.stage == stage and info.value.sha256 == sha
     assert f"{mesh} (written by the render stage)" in info.value.reason
+
+
+def _npz_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "patchtokens": rng.standard_normal((3000, 64)).astype(np.float16),  # > one 64 KiB stored block
+        "indices": rng.integers(0, 64, (3000, 3), dtype=np.uint8),
+        "flag": np.bool_(True),
+        "empty": np.zeros((0, 3), np.float32),
+        "fortran": np.asfortranarray(rng.standard_normal((5, 7))),
+    }
+
+
+@pytest.mark.parametrize("writer", ["level0", "level1", "savez_compressed", "savez"])
+def test_read_npz_reads_what_np_load_reads(tmp_path, writer):
+    arrays = _npz_arrays()
+    path = tmp_path / "a.npz"
+    if writer.startswith("level"):
+        save_npz_atomic(path, compresslevel=int(writer[-1]), **arrays)
+    else:
+        getattr(np, writer)(path, **arrays)
+    buffers = []
+
+    def allocate(size):
+        buffers.append(np.empty(size, np.uint8))
+        return buffers[-1]
+
+    got = read_npz(path, allocate=allocate)
+    with np.load(path) as loaded:
+        assert sorted(got) == sorted(loaded.files)
+        for key in loaded.files:
+            assert got[key].dtype == loaded[key].dtype and got[key].shape == loaded[key].shape, key
+            np.testing.assert_array_equal(got[key], loaded[key])
+    assert len(buffers) == len(arrays) and np.shares_memory(got["patchtokens"], buffers[0])  # read into the buffer given
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_read_npz_refuses_a_flipped_byte_and_a_truncated_file(tmp_path, level):
+    path = tmp_path / "a.npz"
+    save_npz_atomic(path, compresslevel=level, **_npz_arrays())
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.npz"
+    data[len(data) // 3] ^= 0x10  # inside patchtokens' payload
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="patchtokens"):
+        read_npz(flipped)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(ValueError):
+        read_npz(truncated)
+
+
+def test_read_npz_refuses_object_arrays(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, names=np.array(["a", None], dtype=object))
+    with pytest.raises(ValueError, match="objects"):
+        read_npz(path)

@@ -7,6 +7,7 @@ independently of slatflow.models.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -672,6 +673,58 @@ def test_non_finite_latent_fails_only_its_asset_and_random_inputs_are_flagged(tm
         assert set(data.files) == {"feats", "coords", "random_weights"} and not data["random_weights"]
     with np.load(tmp_path / "out" / "2.npz") as data:
         assert data["random_weights"]  # inherited from the feature file
+
+
+def test_features_left_unchecked_by_the_reader_are_checked_in_the_forward_pass(tmp_path):
+    """A CUDA encoder's reader leaves the NaN check to the device: the forward pass then fails
+    that asset, naming the file and the cause, and encodes the others of its batch."""
+    encoder = load_encoder("random", "slat", random_args=TINY_SLAT_ARGS)
+    codec = latents._slat_codec(encoder, device="cpu")
+    batch = []
+    for i in range(3):
+        tokens = random_patchtokens(200, 32, seed=i)
+        if i == 1:
+            tokens[7, 2] = np.inf
+        write_features(tmp_path / f"{i}.npz", indices=surface_voxels(200, seed=i), patchtokens=tokens)
+        item = latents.read_sparse_features(str(i), tmp_path / f"{i}.npz", 32, check_finite=False)
+        batch.append((LatentJob(str(i), tmp_path / f"{i}.npz", tmp_path / "out" / f"{i}.npz"), item))
+    assert not batch[1][1].finite_checked
+    results = codec.forward(batch)
+    assert isinstance(results[1], AssetError) and "NaN or inf" in results[1].reason and "1.npz" in results[1].reason
+    for (job, item), result in zip(batch[::2], results[::2]):
+        alone = codec.forward([(job, dataclasses.replace(item, finite_checked=True))])[0]
+        assert result.shape == (200, 8) and np.isfinite(result).all()
+        np.testing.assert_allclose(result, alone, atol=1e-5)  # the bad neighbour changed nothing
+    with pytest.raises(AssetError, match="NaN or inf"):  # the reader's own check, on by default
+        latents.read_sparse_features("1", tmp_path / "1.npz", 32)
+
+
+def test_compiled_forward_pads_a_single_asset_and_falls_back_when_the_compiler_fails(caplog):
+    import logging
+
+    model = load_encoder("random", "ss", random_args=TINY_SS_ARGS).model
+    grids = torch.from_numpy(np.stack([latents.voxel_occupancy(surface_voxels(300, seed=i)) for i in range(3)]))
+    compiled = latents.CompiledBatchForward(model, "ss encoder")
+    seen = []
+
+    def recording(batch):  # stands in for the compiled graph: what it is called with
+        seen.append(len(batch))
+        return model(batch)
+
+    compiled._compiled = recording
+    with torch.inference_mode():
+        reference = model(grids)
+        torch.testing.assert_close(compiled(grids[:1]), reference[:1])
+        torch.testing.assert_close(compiled(grids), reference)
+
+        def broken(batch):
+            raise RuntimeError("Failed to find C compiler")
+
+        compiled._compiled = broken
+        with caplog.at_level(logging.WARNING):
+            torch.testing.assert_close(compiled(grids), reference)
+    assert seen == [2, 3]  # one asset padded to two: no graph of its own for batch 1
+    assert compiled._compiled is None and "torch.compile of the ss encoder failed (RuntimeError" in caplog.text
 
 
 def test_latent_stats_follow_trellis_stat_latent(tmp_path):

@@ -209,12 +209,24 @@ def windowed_attention(qkv: torch.Tensor, partition: WindowPartition) -> torch.T
 def _packed_windowed_attention(qkv: torch.Tensor, windows: PackedWindows) -> torch.Tensor:
     """`windowed_attention` through flash attention's variable-length kernel: no padding,
     masks or per-bucket calls (TRELLIS's own path, flash_attn_varlen_qkvpacked_func)."""
+    q, k, v = qkv[windows.order].unbind(1)  # 3 x (N, H, C), windows back to back
+    return _varlen_window_attention(q, k, v, windows)[windows.inverse]
+
+
+_VARLEN_TAKES_STRIDED = [True]  # until the kernel refuses a view of the fused qkv once
+
+
+def _varlen_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: PackedWindows) -> torch.Tensor:
+    """Attention within each window of voxels in window order: 3 x (N, H, C) -> (N, H, C)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    q, k, v = qkv[windows.order].unbind(1)  # 3 x (N, H, C), windows back to back
     offsets, longest = windows.offsets, windows.max_length
-    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), offsets, offsets, longest, longest)  # (N, H, C)
-    return out[windows.inverse]
+    if _VARLEN_TAKES_STRIDED[0]:
+        try:
+            return varlen_attn(q, k, v, offsets, offsets, longest, longest)
+        except RuntimeError:  # a build whose kernel wants each of q, k, v contiguous
+            _VARLEN_TAKES_STRIDED[0] = False
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), offsets, offsets, longest, longest)
 
 
 def packed_attention_available(x: torch.Tensor, head_channels: int) -> bool:
@@ -286,6 +298,17 @@ class SparseTransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x), partition)
         return x + self.mlp(self.norm2(x))
 
+    def forward_packed(self, x: torch.Tensor, windows: PackedWindows) -> torch.Tensor:
+        """`forward` for voxels already in `windows.order` (CUDA, half precision): q, k and v
+        go to the variable-length kernel as views of the fused projection, and the GELU (tanh,
+        TRELLIS's) is the first MLP matmul's cuBLASLt epilogue."""
+        num = x.shape[0]
+        qkv = self.attn.to_qkv(self.norm1(x)).view(num, 3, self.attn.num_heads, -1)  # (N, 3, H, C)
+        attended = _varlen_window_attention(*qkv.unbind(1), windows)  # (N, H, C)
+        x = x + self.attn.to_out(attended.reshape(num, -1))
+        fc1, fc2 = self.mlp.mlp[0], self.mlp.mlp[2]
+        return x + fc2(torch._addmm_activation(fc1.bias, self.norm2(x), fc1.weight.t(), use_gelu=True))
+
 
 class SLatEncoder(nn.Module):
     """Sparse transformer encoder of per-voxel features into the structured latent.
@@ -356,6 +379,24 @@ class SLatEncoder(nn.Module):
         )
         self.out_layer = nn.Linear(model_channels, 2 * latent_channels)
 
+    def _blocks(self, h: torch.Tensor, partitions: dict[tuple, WindowPartition]) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, partitions[(block.window_size, block.shift)])
+        return h
+
+    def _packed_blocks(self, h: torch.Tensor, partitions: dict[tuple, WindowPartition]) -> torch.Tensor:
+        """The blocks with the voxels kept in the current block's window order: one gather of
+        the residual stream when the windows change (every block, under swin) instead of
+        gathering q, k and v into window order and the output back in every block."""
+        current: PackedWindows | None = None  # h's row i is voxel current.order[i] (None: input order)
+        for block in self.blocks:
+            windows = partitions[(block.window_size, block.shift)].packed
+            if windows is not current:
+                h = h[windows.order if current is None else current.inverse[windows.order]]
+                current = windows
+            h = block.forward_packed(h, windows)
+        return h[current.inverse] if current is not None else h
+
     def set_torso_dtype(self, dtype: torch.dtype) -> None:
         """Cast the linear layers of `blocks` (TRELLIS's `convert_to_fp16`)."""
         cast_torso([self.blocks], dtype)
@@ -382,6 +423,6 @@ class SLatEncoder(nn.Module):
             key = (block.window_size, block.shift)
             if key not in partitions:
                 partitions[key] = window_partition(coords, *key, packed=packed)
-            h = block(h, partitions[key])
+        h = self._packed_blocks(h, partitions) if packed else self._blocks(h, partitions)
         h = F.layer_norm(h.to(feats.dtype), h.shape[-1:])  # eps 1e-5, as TRELLIS's F.layer_norm
         return self.out_layer(h)[:, : self.latent_channels]  # mean; the rest is logvar
