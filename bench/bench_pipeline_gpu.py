@@ -24,6 +24,9 @@ Reported, in one run (the card is named in the output):
   then --variants: other requests at once and deflate levels),
   SS and SLat one job at a time and --latent-clients at once (SLat on the features the
   stream wrote, and on --slat-voxels synthetic voxels); GPU busy of the features stream;
+  then features, SS and SLat again with each worker a process of its own, started by the
+  first request as a job starts it (the workflow's arrangement: the clients hold no GIL the
+  worker needs);
 - TRELLIS's loop (bench_features.run_trellis) on --trellis-assets assets (the first a
   warm-up) and the ratio to the features stream.
 
@@ -240,24 +243,23 @@ def stream_requests(spec, settings, log_dir: Path, requests: list[dict], clients
 def process_streams(args, base: dict, stream_jobs, slat_sources, device: torch.device, streams: dict,
                     random_args: dict) -> None:
     """The features, SS and SLat streams again, each worker its own process (WorkerProcess);
-    the first requests start it (model load, compile, graph capture) and are not timed."""
+    a first round of requests starts and warms it and is not timed."""
     latent_settings = {"latents": {"ss_encoder": "random", "slat_encoder": "random", "device": args.device, **random_args},
                        "threads": 4}
     cases = (
-        ("features", {**base, "batch_size": args.batch_size}, feature_requests, [(j,) for j in stream_jobs]),
-        ("ss_latent", latent_settings, latent_requests, [(j.sha256, j.voxels_path) for j in stream_jobs]),
-        ("slat_latent", latent_settings, latent_requests, slat_sources),
+        ("features", {**base, "batch_size": args.batch_size}, feature_requests(stream_jobs, args.out / "process_f")),
+        ("ss_latent", latent_settings,
+         latent_requests([(j.sha256, j.voxels_path) for j in stream_jobs], args.out / "process_ss")),
+        ("slat_latent", latent_settings, latent_requests(slat_sources, args.out / "process_slat")),
     )
-    for service, settings, make, sources in cases:
+    for service, settings, requests in cases:
         process = WorkerProcess(service, settings, args.out)
-        folder = args.out / f"process_{service}"
-        if service == "features":
-            requests = make([source for (source,) in sources], folder)
-        else:
-            requests = make(sources, folder)
-        warm = [dict(r, output=str(Path(r["output"]).with_suffix(".warm.npz"))) for r in requests[:2]]
+        # a first round as a long run's first jobs: the model loads and compiles, the caches of
+        # pinned buffers and CUDA graphs fill (a long run pays that once)
+        warm = [dict(r, output=str(Path(r["output"]).with_suffix(".warm.npz"))) for r in requests[: args.clients]]
         try:
-            process.stream(warm, 1, device)
+            process.stream(warm[:1], 1, device)
+            process.stream(warm, args.clients, device)
             streams[f"{service}_process"] = process.stream(requests, args.clients, device)
         except Exception as exc:  # noqa: BLE001 - a row, not a crash: the other figures stand
             streams[f"{service}_process"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}

@@ -1,7 +1,12 @@
 """Device probe for issue 17 (exploratory; the figures that count come from bench_pipeline_gpu.py).
 
-One call: where the GPU stages' time goes, and candidate changes side by side.
-    PYTHONPATH=. python bench/probe_gpu_stages.py --out /tmp/probe
+One call: where the GPU stages' time goes, and candidate changes side by side. Sections:
+env (torch, cuDNN, flash impls); gemm (ViT-L's four matmuls at 50 views: weight layouts,
+epilogues); slat (the SLat forward's kernels, packed against bucketed, a request's read pieces,
+the worker stream); ss (the compiled SS encoder per batch size, kernels, the worker stream);
+vit (ViT-L over 150 views, compiled and graphed, with and without the matmul epilogues and
+TunableOp, with kernel tables).
+    PYTHONPATH=. python bench/probe_gpu_stages.py --out /tmp/probe --only env gemm slat ss vit
 """
 
 from __future__ import annotations
@@ -319,7 +324,7 @@ def ss(out):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("/tmp/probe"))
-    p.add_argument("--only", nargs="*", default=["env", "slat", "ss", "vit"])
+    p.add_argument("--only", nargs="*", default=["env", "gemm", "slat", "ss", "vit"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import logging

@@ -354,8 +354,8 @@ def prenorm_patch_tokens(model, pixels: "torch.Tensor") -> "torch.Tensor":
 
 
 # SDPA backends by name; "auto" is torch's own choice, the fastest on an H200 at DINOv2's
-# shapes (1374 tokens, head width 64): 0.372 s per asset against cuDNN 0.387, flash 0.407,
-# memory-efficient 0.522 (bench/bench_pipeline_gpu.py).
+# shapes (1374 tokens, head width 64): 0.345 s per asset uncompiled against cuDNN 0.347, flash
+# 0.376, memory-efficient 0.493 (bench/bench_pipeline_gpu.py).
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
@@ -437,9 +437,10 @@ def _epilogues_supported(device: "torch.device", dtype: "torch.dtype") -> bool:
             c = torch.ones(16, 16, device=device)
             _residual_addmm(c, torch._addmm_activation(a[0], a, a.t(), use_gelu=True), a)
             _EPILOGUE_SUPPORT[key] = bool(torch.isfinite(c).all())
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
-            (logger.warning if device.type == "cuda" else logger.debug)("matmul epilogues unavailable on %s (%s); residual adds and GELU run as kernels",
-                           device, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:  # CPU half precision, older builds
+            log = logger.warning if device.type == "cuda" else logger.debug
+            log("matmul epilogues unavailable on %s (%s); residual adds and GELU run as kernels",
+                device, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             _EPILOGUE_SUPPORT[key] = False
     return _EPILOGUE_SUPPORT[key]
 
@@ -456,10 +457,11 @@ class FusedDinov2:
     bf16-autocast result up to rounding (tests/test_features.py checks fp32 against it).
 
     Args:
-        model: a `Dinov2WithRegistersModel` (its embeddings are reused as they are).
+        model: a `Dinov2WithRegistersModel` (its embeddings' tensors are read, not copied).
         dtype: the matmuls' dtype (torch.bfloat16 on a GPU; float32 gives the reference).
         attention: one of ATTENTION_BACKENDS.
-        compile: `torch.compile` the block function (one graph shared by all blocks).
+        compile: `torch.compile` the LayerNorms of the epilogue blocks, or the whole eager
+            block where the epilogues are unavailable (one graph shared by all blocks).
         cuda_graph: on CUDA, capture the whole forward of each batch shape as a CUDA graph
             (at most MAX_CUDA_GRAPHS shapes) and replay it: one launch instead of ~300, so
             the calling thread neither waits on a full launch queue holding the GIL nor
@@ -589,29 +591,28 @@ class FusedDinov2:
     def _forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
         import contextlib
 
-        import torch
         from torch.nn.attention import sdpa_kernel
 
         batch, _, size, _ = pixels.shape
         grid = size // self.patch_size
-        hidden = self._embed(pixels)  # (B, 1 + R + P, D) float32
         with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
             try:
-                x = self._blocks(hidden.to(torch.float32, copy=True))
+                x = self._blocks(self._embed(pixels))  # (B, 1 + R + P, D) float32
             except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton: run eager
                 if self._block == self._block_eager and self._norm == _shifted_norm:
                     raise
                 logger.warning("torch.compile failed (%s: %s); the model runs uncompiled",
                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self._block, self._norm = self._block_eager, _shifted_norm
-                x = self._blocks(hidden.to(torch.float32, copy=True))
+                x = self._blocks(self._embed(pixels))  # afresh: the failed pass may have added in place
         tokens = x[:, 1 + self.num_register_tokens :]  # (B, P, D)
         return tokens.transpose(1, 2).reshape(batch, -1, grid, grid)
 
     def _embed(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """transformers' embeddings (patch conv, cls token + position, registers), float32 out,
         with the patch conv as one matmul over the unfolded patches in the matmuls' dtype: for
-        a stride-14 14x14 conv cuDNN picks a generic kernel, ~4.5 ms per 50 views on an H200."""
+        a stride-14 14x14 conv cuDNN picks a generic kernel, 4.6 ms per 50 views on an H200
+        against 0.6 for the matmul."""
         import torch
         import torch.nn.functional as F
 

@@ -291,3 +291,11 @@ def test_read_npz_refuses_object_arrays(tmp_path):
     np.savez(path, names=np.array(["a", None], dtype=object))
     with pytest.raises(ValueError, match="objects"):
         read_npz(path)
+
+
+def test_read_npz_inflates_a_member_larger_than_a_chunk(tmp_path):
+    """A deflated member of several chunks of input (what level 1 writes for a feature file)."""
+    rng = np.random.default_rng(1)
+    large = (rng.standard_normal(5_000_000) * 4).astype(np.float16).reshape(-1, 100)  # ~10 MB, > 2 chunks deflated
+    save_npz_atomic(tmp_path / "large.npz", compresslevel=1, patchtokens=large)
+    np.testing.assert_array_equal(read_npz(tmp_path / "large.npz")["patchtokens"], large)

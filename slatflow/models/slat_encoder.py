@@ -224,6 +224,8 @@ def _varlen_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if _VARLEN_TAKES_STRIDED[0]:
         try:
             return varlen_attn(q, k, v, offsets, offsets, longest, longest)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # a build whose kernel wants each of q, k, v contiguous
             _VARLEN_TAKES_STRIDED[0] = False
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), offsets, offsets, longest, longest)
