@@ -151,7 +151,8 @@ class LatentSettings:
         device: "auto", "cpu" or "cuda".
         precision: the torso dtype; "auto" is TRELLIS's numerics.
         threads: torch CPU threads of a job (a CPU run's speed; idle beside a GPU).
-        compile: `torch.compile` the SS encoder on a GPU (a worker's first batch pays it).
+        compile: `torch.compile` the SS encoder on a GPU in a model worker (its first batch
+            pays it; a job run in-process does not compile).
     """
 
     ss_encoder: str = DEFAULT_SPECS["ss"]
@@ -781,10 +782,14 @@ def _worker_service(kind: EncoderKind, settings: dict) -> Callable[[dict], None]
     its output in its own thread; the encoder runs the inputs that arrived together as one batch."""
     import torch
 
+    from slatflow import worker
+
     latent_settings = LatentSettings.from_config(settings["latents"])
     torch.set_num_threads(settings["threads"] or latent_settings.threads)
+    # a job that runs its one asset in-process (workers disabled) would pay the compile for one forward
+    compile = latent_settings.compile and worker.serving()
     return request_handler(place(latent_settings.load(kind), kind, latent_settings.device, latent_settings.precision,
-                                 latent_settings.compile))
+                                 compile))
 
 
 def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:

@@ -288,8 +288,18 @@ class _StreamToClient(logging.Handler):
             self.stream.flush()
 
 
+_SERVING = [False]
+
+
+def serving() -> bool:
+    """Whether this process is a model worker (its handler will serve many assets): what a
+    service asks before paying a one-off cost, such as torch.compile, that only pays over many."""
+    return _SERVING[0]
+
+
 def serve(spec: WorkerSpec, path: Path, idle_timeout: float) -> None:
     """Load the service, then answer requests on `path` one at a time until idle."""
+    _SERVING[0] = True
     handler = make_handler(spec)  # before listening: a connectable socket means loaded
     path.with_suffix(".pid").write_text(str(os.getpgid(0)))
     tmp = Path(tempfile.mktemp(prefix=".", suffix=".sock", dir=path.parent))

@@ -727,6 +727,24 @@ def test_compiled_forward_pads_a_single_asset_and_falls_back_when_the_compiler_f
     assert compiled._compiled is None and "torch.compile of the ss encoder failed (RuntimeError" in caplog.text
 
 
+@pytest.mark.parametrize("serving", [True, False])
+def test_only_a_model_worker_compiles_the_encoder(monkeypatch, serving):
+    """A job run in-process (workers disabled) serves one asset: a compile would cost more than it."""
+    from slatflow import worker
+
+    asked, place = {}, latents.place
+
+    def fake_place(encoder, kind, device, precision, compile=False):
+        asked["compile"] = compile
+        return place(encoder, kind, device, precision)
+
+    monkeypatch.setattr(worker, "_SERVING", [serving])
+    monkeypatch.setattr(latents, "place", fake_place)
+    latents.ss_worker_service({"latents": {"ss_encoder": "random", "random_ss_args": TINY_SS_ARGS, "device": "cpu"},
+                               "threads": 1})
+    assert asked["compile"] is serving
+
+
 def test_latent_stats_follow_trellis_stat_latent(tmp_path):
     rng = np.random.default_rng(0)
     paths, means, mean2s = [], [], []
