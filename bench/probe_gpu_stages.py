@@ -232,7 +232,6 @@ def slat(out):
         log(f"  forward: {ms:.1f} ms per 4x32k ({ms / 4:.1f} ms/asset)")
         kernel_table(lambda: model(feats, coords), top=16)
         from slatflow.models import slat_encoder
-        log(f"  varlen on views of qkv: {slat_encoder._VARLEN_TAKES_STRIDED[0]}")
         available = slat_encoder.packed_attention_available
         slat_encoder.packed_attention_available = lambda *a: False
         bucketed = model(feats, coords)

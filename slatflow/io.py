@@ -285,6 +285,7 @@ def read_npz(path: str | os.PathLike, allocate=None) -> dict[str, np.ndarray]:
         ValueError: not a zip of .npy members, a bad CRC or stream, or a header np.load
             would refuse (object arrays); OSError: unreadable.
     """
+    import mmap
     import struct
     import zipfile
     import zlib
@@ -297,58 +298,52 @@ def read_npz(path: str | os.PathLike, allocate=None) -> dict[str, np.ndarray]:
                 members = archive.infolist()
         except zipfile.BadZipFile as exc:
             raise ValueError(f"not a zip archive: {exc}") from exc
-        for info in members:
-            if not info.filename.endswith(".npy") or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise ValueError(f"member {info.filename!r} is not a stored or deflated .npy")
-            handle.seek(info.header_offset)
-            local = handle.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise ValueError(f"member {info.filename!r}: bad local header")
-            name_size, extra_size = struct.unpack("<HH", local[26:30])
-            handle.seek(info.header_offset + 30 + name_size + extra_size)
-            data = allocate(info.file_size)
-            if info.compress_type == zipfile.ZIP_STORED:
-                _read_exactly(handle, memoryview(data), info.filename)
-            else:
-                _inflate_into(handle, info.compress_size, memoryview(data), info.filename)
-            if zlib.crc32(data) != info.CRC:
-                raise ValueError(f"member {info.filename!r}: bad CRC-32")
-            arrays[info.filename[: -len(".npy")]] = _npy_array(data, info.filename)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for info in members:
+                if not info.filename.endswith(".npy") or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise ValueError(f"member {info.filename!r} is not a stored or deflated .npy")
+                if info.header_offset + 30 > len(mapped) or mapped[info.header_offset : info.header_offset + 4] != b"PK\x03\x04":
+                    raise ValueError(f"member {info.filename!r}: bad local header")
+                name_size, extra_size = struct.unpack_from("<HH", mapped, info.header_offset + 26)
+                start = info.header_offset + 30 + name_size + extra_size
+                if start + info.compress_size > len(mapped):
+                    raise ValueError(f"member {info.filename!r} is truncated")
+                data = allocate(info.file_size)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    _copy_runs(mapped, [(start, info.file_size, 1)] if info.file_size else [], data)
+                else:
+                    _inflate_into(mapped, start, info.compress_size, data, info.filename)
+                if zlib.crc32(data) != info.CRC:
+                    raise ValueError(f"member {info.filename!r}: bad CRC-32")
+                arrays[info.filename[: -len(".npy")]] = _npy_array(data, info.filename)
     return arrays
 
 
-def _read_exactly(handle, view: memoryview, name: str) -> None:
-    if handle.readinto(view) != len(view):
-        raise ValueError(f"member {name!r} is truncated")
+def _inflate_into(mapped, start: int, compressed_size: int, data: np.ndarray, name: str) -> None:
+    """Inflate the raw deflate stream at `mapped[start:start + compressed_size]` into `data`.
+    Stored blocks are copied out of the map, each run of equal blocks in one numpy copy (no
+    GIL held, where a read per 64 KiB block would take it ~1000 times per feature file); at
+    the first compressed block the whole stream goes through zlib instead."""
+    blocks = _stored_blocks_of(mapped, start, compressed_size, name)
+    if blocks is None:
+        _inflate_chunks(memoryview(mapped)[start : start + compressed_size], memoryview(data), name)
+        return
+    if sum(size * count for _, size, count in blocks) != len(data):
+        raise ValueError(f"member {name!r} holds {sum(s * c for _, s, c in blocks)} bytes, not {len(data)}")
+    _copy_runs(mapped, blocks, data)
 
 
-def _inflate_into(handle, compressed_size: int, view: memoryview, name: str) -> None:
-    """Inflate a raw deflate stream of `compressed_size` bytes, from the handle's position,
-    into `view`. Stored blocks are copied out of a memory map, each run of equal blocks in one
-    numpy copy (no GIL held, where a read per 64 KiB block would take it ~1000 times per
-    feature file); at the first compressed block the whole stream goes through zlib instead."""
-    import mmap
-
-    start = handle.tell()
-    if compressed_size < 5:
-        raise ValueError(f"member {name!r} is truncated")
-    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        if start + compressed_size > len(mapped):
-            raise ValueError(f"member {name!r} is truncated")
-        blocks = _stored_blocks_of(mapped, start, compressed_size, name)
-        if blocks is None:
-            _inflate_chunks(memoryview(mapped)[start : start + compressed_size], view, name)
-            return
-        if sum(size * count for _, size, count in blocks) != len(view):
-            raise ValueError(f"member {name!r} holds {sum(s * c for _, s, c in blocks)} bytes, not {len(view)}")
-        source = np.frombuffer(mapped, np.uint8)
-        target = np.frombuffer(view, np.uint8)
-        filled, runs = 0, None
-        for offset, size, count in blocks:
-            runs = np.lib.stride_tricks.as_strided(source[offset:], (count, size), (size + 5, 1), writeable=False)
-            target[filled : filled + size * count].reshape(count, size)[...] = runs
-            filled += size * count
-        del source, target, runs  # the map must not be exported when it closes
+def _copy_runs(mapped, runs: list[tuple[int, int, int]], data: np.ndarray) -> None:
+    """Copy (offset, size, count) runs of `count` payloads of `size` bytes, 5 header bytes
+    apart, from the map into `data` back to back, one numpy copy per run."""
+    source = np.frombuffer(mapped, np.uint8)
+    target = np.frombuffer(memoryview(data), np.uint8)
+    filled, payloads = 0, None
+    for offset, size, count in runs:
+        payloads = np.lib.stride_tricks.as_strided(source[offset:], (count, size), (size + 5, 1), writeable=False)
+        target[filled : filled + size * count].reshape(count, size)[...] = payloads
+        filled += size * count
+    del source, target, payloads  # the map must not be exported when it closes
 
 
 def _inflate_chunks(stream: memoryview, view: memoryview, name: str) -> None:

@@ -19,7 +19,6 @@ convolutions never mix assets), and return the assets that failed, each with its
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 import time
@@ -107,18 +106,14 @@ class SparseFeatures:
         indices: uint8 (N, 3) voxel indices (x, y, z) in [0, 64).
         patchtokens: float16 or float32 (N, C) features, C the encoder's in_channels.
         random_weights: the feature file says its model had random weights.
-        pinned: `patchtokens` as a torch tensor in pinned host memory, read there by the
-            reading thread for a CUDA encoder (None otherwise), so the device thread only
-            starts an asynchronous copy instead of copying 64 MB per 32k-voxel asset itself.
         finite_checked: whether the reader checked `patchtokens` for NaN and inf (a CUDA
-            encoder checks them on the device instead: 42 ms per 32k voxels on one CPU).
+            encoder checks them on the device instead: ~40 ms per 32k voxels on one CPU).
     """
 
     sha256: str
     indices: np.ndarray
     patchtokens: np.ndarray
     random_weights: bool = False
-    pinned: Any = None
     finite_checked: bool = True
 
 
@@ -724,31 +719,32 @@ def _slat_codec(
     resolution = args.get("resolution", VOXEL_RESOLUTION)
 
     def read(job: LatentJob) -> SparseFeatures:
-        if dev.type != "cuda":
-            return read_sparse_features(job.sha256, job.source, args["in_channels"], resolution)
-        item = read_sparse_features(job.sha256, job.source, args["in_channels"], resolution,
-                                    allocate=_pinned_if_large, check_finite=False)
-        return dataclasses.replace(item, pinned=torch.from_numpy(item.patchtokens))
+        # on CUDA the reading thread reads the features into pinned memory, so the device
+        # thread only starts an asynchronous copy of 64 MB per 32k-voxel asset, and their
+        # NaN check is left to the device
+        on_cuda = dev.type == "cuda"
+        return read_sparse_features(job.sha256, job.source, args["in_channels"], resolution,
+                                    allocate=_pinned_if_large if on_cuda else None, check_finite=not on_cuda)
 
     def forward(batch: list[tuple[LatentJob, SparseFeatures]]) -> list[np.ndarray | AssetError]:
         sizes = [len(item.indices) for _, item in batch]
         coords = np.concatenate(
             [np.concatenate([np.full((n, 1), b), item.indices], axis=1) for b, (n, (_, item)) in enumerate(zip(sizes, batch))]
         )  # (N, 4): batch index, x, y, z
+        spans = np.cumsum([0] + sizes)
         with torch.inference_mode(), exact_fp32(dev, dtype):
-            if all(item.pinned is not None for _, item in batch):  # copies queued behind the device's work
-                feats = torch.cat([item.pinned.to(dev, non_blocking=True) for _, item in batch])  # (N, C)
-            else:
-                feats = torch.from_numpy(np.concatenate([item.patchtokens for _, item in batch])).to(dev)  # (N, C)
-            finite = torch.isfinite(feats).all(dim=1)  # (N,); an asset's NaN stays in its own windows, zeroed anyway
-            feats = torch.where(finite[:, None], feats, 0)
+            # from pinned memory (CUDA) the copies queue behind the device's work
+            feats = torch.cat([torch.from_numpy(item.patchtokens).to(dev, non_blocking=True) for _, item in batch])  # (N, C)
+            all_finite = [True] * len(batch)
+            if not all(item.finite_checked for _, item in batch):
+                finite = torch.isfinite(feats).all(dim=1)  # (N,); an asset's NaN stays in its own windows, zeroed anyway
+                feats = torch.where(finite[:, None], feats, 0)
+                all_finite = torch.stack([finite[a:b].all() for a, b in zip(spans[:-1], spans[1:])]).cpu().tolist()
             mean = model(feats.float(), torch.from_numpy(coords.astype(np.int64)).to(dev))  # (N, 8)
-            spans = np.cumsum([0] + sizes)
-            all_finite = torch.stack([finite[a:b].all() for a, b in zip(spans[:-1], spans[1:])]).cpu().tolist()
         means = np.split(mean.float().cpu().numpy(), spans[1:-1])
         return [
-            latent if ok or item.finite_checked else AssetError(job.sha256, f"{job.source}: {NON_FINITE_FEATURES}", SLAT_STAGE)
-            for (job, item), latent, ok in zip(batch, means, all_finite)
+            latent if ok else AssetError(job.sha256, f"{job.source}: {NON_FINITE_FEATURES}", SLAT_STAGE)
+            for (job, _), latent, ok in zip(batch, means, all_finite)
         ]
 
     return _Codec(

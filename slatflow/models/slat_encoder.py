@@ -213,22 +213,13 @@ def _packed_windowed_attention(qkv: torch.Tensor, windows: PackedWindows) -> tor
     return _varlen_window_attention(q, k, v, windows)[windows.inverse]
 
 
-_VARLEN_TAKES_STRIDED = [True]  # until the kernel refuses a view of the fused qkv once
-
-
 def _varlen_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: PackedWindows) -> torch.Tensor:
-    """Attention within each window of voxels in window order: 3 x (N, H, C) -> (N, H, C)."""
+    """Attention within each window of voxels in window order: 3 x (N, H, C) -> (N, H, C);
+    q, k, v may be strided views of a fused projection (only the channel axis contiguous)."""
     from torch.nn.attention.varlen import varlen_attn
 
     offsets, longest = windows.offsets, windows.max_length
-    if _VARLEN_TAKES_STRIDED[0]:
-        try:
-            return varlen_attn(q, k, v, offsets, offsets, longest, longest)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:  # a build whose kernel wants each of q, k, v contiguous
-            _VARLEN_TAKES_STRIDED[0] = False
-    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), offsets, offsets, longest, longest)
+    return varlen_attn(q, k, v, offsets, offsets, longest, longest)
 
 
 def packed_attention_available(x: torch.Tensor, head_channels: int) -> bool:
