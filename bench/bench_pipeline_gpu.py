@@ -48,8 +48,10 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,9 +201,10 @@ class WorkerInProcess:
 
 class WorkerProcess:
     """The workflow's arrangement: the worker its own process, started by the first request
-    (`run_request`, as a job starts it), the clients only waiting on its socket. The in-process
-    worker shares one interpreter lock with the client threads, which the workflow's jobs (other
-    processes) do not; its streams are the pessimistic figure, these the workflow's."""
+    (`run_request`, as a job starts it), the clients processes of their own (a latent job reads
+    its input and writes its latent). The in-process worker shares one interpreter lock with the
+    client threads, which the workflow's jobs (other processes) do not; its streams are the
+    pessimistic figure, these the workflow's."""
 
     def __init__(self, service: str, settings: dict, root: Path):
         self.spec = worker.WorkerSpec(service, settings)
@@ -210,25 +213,56 @@ class WorkerProcess:
         self.log_dir = root / "logs"
 
     def stream(self, requests: list[dict], clients: int, device: torch.device) -> dict:
-        return stream_requests(self.spec, self.settings, self.log_dir, requests, clients, device)
+        return stream_requests(self.spec, self.settings, self.log_dir, requests, clients, device, processes=True)
+
+
+# the latent services' jobs read their inputs and write their outputs (latents.run_latent_job)
+LATENT_KINDS = {"ss_latent": "ss", "slat_latent": "slat"}
+
+
+def job_request(spec, settings, log_dir: Path, request: dict) -> None:
+    """One job's request, as its script makes it (module level: client processes run it)."""
+
+    def submit(message: dict):
+        return worker.run_request(spec, message, settings, log_dir)
+
+    kind = LATENT_KINDS.get(spec.service)
+    if kind is None:
+        submit(request)
+    else:
+        latents.run_latent_job(kind, latents.LatentJob.from_request(request), submit)
+
+
+_CLIENT_PROCESSES: dict[int, ProcessPoolExecutor] = {}
+
+
+def client_processes(clients: int) -> ProcessPoolExecutor:
+    """`clients` processes kept for the run (spawned: this one holds CUDA), started before use."""
+    if clients not in _CLIENT_PROCESSES:
+        pool = ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(time.sleep, [0.5] * clients))  # each process started and importing this module
+        _CLIENT_PROCESSES[clients] = pool
+    return _CLIENT_PROCESSES[clients]
 
 
 def stream_requests(spec, settings, log_dir: Path, requests: list[dict], clients: int, device: torch.device,
-                    profile: bool = False) -> dict:
-    """Send the requests from `clients` threads at once; seconds per asset and GPU busy (the
-    profiler's only for a worker in this process)."""
-
-    def one(request):
-        worker.run_request(spec, request, settings, log_dir)
-
+                    profile: bool = False, processes: bool = False) -> dict:
+    """Send the requests from `clients` threads (or, with `processes`, processes, as the
+    workflow's jobs are) at once; seconds per asset and GPU busy (the profiler's only for a
+    worker in this process)."""
     sampler = NvmlSampler(device) if device.type == "cuda" else None
     profiler = None
     if profile and device.type == "cuda":
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
         profiler.__enter__()
+    one = partial(job_request, spec, settings, log_dir)
+    pool = client_processes(clients) if processes else None
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    if pool is not None:
         list(pool.map(one, requests))
+    else:
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, requests))
     wall = time.perf_counter() - start
     row = {"assets": len(requests), "clients": clients, "wall_s": wall, "ms_per_asset": 1e3 * wall / len(requests)}
     if sampler is not None:

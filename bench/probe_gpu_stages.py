@@ -265,9 +265,10 @@ def slat(out):
             f"finite check {per_file(lambda p: latents._all_finite(tok), threads):.1f}, "
             f"pin 64MB {per_file(lambda p: torch.from_numpy(tok).pin_memory(), threads):.1f}, "
             f"crc32 64MB {per_file(lambda p: zlib.crc32(tok), threads):.1f}, "
-            f"codec read (cuda) {per_file(lambda p: codec.read(latents.LatentJob('x', p, p)), threads):.1f}")
+            f"codec read (cuda) {per_file(lambda p: codec.read(latents.LatentJob('x', p, p)), threads):.1f}, "
+            f"job's read {per_file(lambda p: latents.latent_request('slat', latents.LatentJob('x', p, p)), threads):.1f}")
     handler = latents.request_handler(placed)
-    worker_ = WorkerInProcess("slat", handler, {"probe": 1}, out)
+    worker_ = WorkerInProcess("slat_latent", handler, {"probe": 1}, out)
     for clients in (8, 16):
         worker_.stream(latent_requests([(f"{i:064x}", p) for i, p in enumerate(paths)], out / f"slat_out{clients}"),
                        clients, torch.device("cuda"))
@@ -314,16 +315,127 @@ def ss(out):
     t3 = time.perf_counter()
     log(f"  ms per asset, 1 thread: read ply {1e3 * (t1 - t) / 8:.1f}, occupancy {1e3 * (t2 - t1) / 8:.1f}, write {1e3 * (t3 - t2) / 8:.1f}")
     handler = latents.request_handler(placed)
-    worker_ = WorkerInProcess("ss", handler, {"probe": 1}, out)
+    worker_ = WorkerInProcess("ss_latent", handler, {"probe": 1}, out)
     for clients in (8, 16):
         worker_.stream(latent_requests([(f"{i:064x}", p) for i, p in enumerate(paths)], out / f"ss_out{clients}"),
                        clients, torch.device("cuda"))
 
 
+@section("timeline")
+def timeline(out):
+    """The SS and SLat worker streams, jobs as processes: each request's time in the worker and
+    its batch's forward, the device thread's busy share and the gaps between its forwards."""
+    import dataclasses
+    import threading
+
+    from latents_fixtures import random_patchtokens, surface_voxels
+
+    from functools import partial
+
+    from bench_pipeline_gpu import WorkerInProcess, latent_requests, stream_requests
+    from slatflow import io, latents
+    from slatflow.models import load_encoder
+
+    events = []
+
+    def timed(name, fn):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                events.append((name, threading.get_ident(), start, time.perf_counter(),
+                               len(a[0]) if name == "forward" else 1))
+        return run
+
+    originals = {"ss": latents._ss_codec, "slat": latents._slat_codec}
+
+    def wrapped(kind):
+        def build(placed):
+            codec = originals[kind](placed)
+            return dataclasses.replace(codec, forward=timed("forward", codec.forward))
+        return build
+
+    latents._ss_codec, latents._slat_codec = wrapped("ss"), wrapped("slat")
+
+    def report(label, wall):
+        log(f"  {label}: wall {wall * 1e3:.0f} ms")
+        for name in ("handle", "forward"):
+            rows = [e for e in events if e[0] == name]
+            if rows:
+                d = [1e3 * (e[3] - e[2]) for e in rows]
+                log(f"    {name}: n {len(rows)} mean {statistics.mean(d):.2f} ms median {statistics.median(d):.2f} "
+                    f"max {max(d):.2f} total {sum(d):.0f} ms" + (f", assets/forward {statistics.mean(e[4] for e in rows):.2f}" if name == "forward" else ""))
+        fw = sorted((e[2], e[3]) for e in events if e[0] == "forward")
+        if fw:
+            gaps = [1e3 * (b[0] - a[1]) for a, b in zip(fw, fw[1:])]
+            log(f"    device thread busy {sum(e - s for s, e in fw) / wall:.0%}, gaps mean {statistics.mean(gaps or [0]):.2f} ms "
+                f"max {max(gaps or [0]):.2f}")
+
+    try:
+        for kind, n, make in (
+            ("ss", 64, lambda i, p: io.write_points_ply(p, (surface_voxels(20000, seed=i % 16).astype(np.float32) + 0.5) / 64 - 0.5)),
+            ("slat", 32, lambda i, p: io.save_npz_atomic(p, compresslevel=0, indices=surface_voxels(32768, seed=i % 4),
+                                                          patchtokens=random_patchtokens(32768, 1024, seed=i % 4))),
+        ):
+            paths = []
+            for i in range(n):
+                path = out / (f"tl_{kind}_{i}" + (".ply" if kind == "ss" else ".npz"))
+                make(i, path)
+                paths.append(path)
+            placed = latents.place(load_encoder("random", kind), kind, "cuda", "auto", compile=kind == "ss")
+            inner = latents.request_handler(placed)
+            handler = timed("handle", inner)
+            handler.concurrency, handler.allocate = inner.concurrency, getattr(inner, "allocate", None)
+            worker_ = WorkerInProcess(f"{kind}_latent", handler, {"timeline": 1}, out)
+            requests = latent_requests([(f"{i:064x}", p) for i, p in enumerate(paths)], out / f"tl_{kind}_out")
+            # the jobs are processes of their own (they read the inputs and write the latents)
+            stream = partial(stream_requests, worker_.spec, worker_.settings, worker_.log_dir, processes=True,
+                             device=torch.device("cuda"))
+            stream(requests[:8], clients=8)  # warm: compile, pinned cache, client processes
+            for clients in (1, 8, 16):
+                events.clear()
+                row = stream([dict(r, output=r["output"] + f".{clients}.npz") for r in requests], clients=clients)
+                report(f"{kind} {clients} clients", row["wall_s"])
+    finally:
+        latents._ss_codec, latents._slat_codec = originals["ss"], originals["slat"]
+
+
+@section("slatin")
+def slat_input_layer():
+    """The SLat input layer at 4 x 32k voxels: float32 (TRELLIS's) against half inputs and
+    weights with float32 accumulation and output; the whole forward's error either way."""
+    from latents_fixtures import random_patchtokens, surface_voxels
+
+    from slatflow import latents
+    from slatflow.models import load_encoder
+
+    placed = latents.place(load_encoder("random", "slat"), "slat", "cuda", "auto")
+    model = placed.model
+    inputs = [(surface_voxels(32768, seed=i), random_patchtokens(32768, 1024, seed=i)) for i in range(4)]
+    coords = torch.from_numpy(np.concatenate([np.concatenate([np.full((len(i), 1), b), i], 1) for b, (i, _) in enumerate(inputs)]).astype(np.int64)).cuda()
+    half = torch.from_numpy(np.concatenate([t for _, t in inputs])).cuda()
+    layer = model.input_layer
+    w16 = layer.weight.half()
+    with torch.inference_mode():
+        fp32 = gpu_ms(lambda: layer(half.float()))
+        mixed = gpu_ms(lambda: torch.addmm(layer.bias, half, w16.t(), out_dtype=torch.float32))
+        ref = layer(half.float())
+        out16 = torch.addmm(layer.bias, half, w16.t(), out_dtype=torch.float32)
+        log(f"  input layer ms: float32 {fp32:.2f} (with the cast), half in fp32 out {mixed:.2f}; "
+            f"rel {((out16 - ref).norm() / ref.norm()).item():.2e}")
+        base = model(half.float(), coords)
+        original = layer.forward
+        layer.forward = lambda x: torch.addmm(layer.bias, x.half(), w16.t(), out_dtype=torch.float32)
+        alt = model(half.float(), coords)
+        layer.forward = original
+        log(f"  latent rel {((alt - base).norm() / base.norm()).item():.2e} (fp16 torso's own: see gpu tests)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("/tmp/probe"))
-    p.add_argument("--only", nargs="*", default=["env", "gemm", "slat", "ss", "vit"])
+    p.add_argument("--only", nargs="*", default=["env", "gemm", "slat", "ss", "vit"])  # also: timeline, slatin
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import logging
@@ -338,6 +450,10 @@ def main():
         ss(args.out)
     if "vit" in args.only:
         vit(args, args.out)
+    if "timeline" in args.only:
+        timeline(args.out)
+    if "slatin" in args.only:
+        slat_input_layer()
     log("done")
     sys.stdout.flush()
     os._exit(0)

@@ -1,8 +1,9 @@
 """Snakemake adapter: encode one asset's voxel features into its structured latent."""
 
+from functools import partial
 from pathlib import Path
 
-from slatflow.latents import LatentJob
+from slatflow.latents import LatentJob, run_latent_job
 from slatflow.workflow import run_model_job
 
 run_model_job(
@@ -10,4 +11,5 @@ run_model_job(
     "slat_latent",
     {"latents": snakemake.config["latents"], "threads": snakemake.threads},
     LatentJob(snakemake.wildcards.sha256, Path(snakemake.input[0]), Path(snakemake.output[0])),
+    partial(run_latent_job, "slat"),
 )

@@ -69,6 +69,10 @@ PREFETCH_ASSETS = 8
 # Requests a latent model worker serves at once (their inputs are batched together): as
 # many as a GPU forward pass packs, so jobs running side by side fill one.
 WORKER_REQUESTS_AT_ONCE = 8
+# Latents are stored in stored deflate blocks (np.load reads them as any npz): deflate saves
+# 7-8% of float32 latents at level 1 for ~30 ms of CPU per MB, a SLat latent's 55 ms of a
+# model worker's time on an H200's host (bench/probe_gpu_stages.py --only timeline).
+LATENT_DEFLATE_LEVEL = 0
 
 FEATURE_KEYS = ("indices", "patchtokens")
 
@@ -280,7 +284,7 @@ def _all_finite(array: np.ndarray) -> bool:
 def read_sparse_features(
     sha256: str,
     path: str | Path,
-    in_channels: int,
+    in_channels: int | None,
     resolution: int = VOXEL_RESOLUTION,
     *,
     allocate: Callable[[int], np.ndarray] | None = None,
@@ -289,6 +293,7 @@ def read_sparse_features(
     """Read and check `features/<feat>/<sha>.npz` (`indices` uint8 (N, 3), `patchtokens` (N, C)).
 
     Args:
+        in_channels: the encoder's feature width; None: any (checked where the encoder is).
         allocate: where to read the arrays (slatflow.io.read_npz); default fresh numpy memory.
         check_finite: check the features for NaN and inf here (a caller that does not must).
 
@@ -318,11 +323,11 @@ def read_sparse_features(
         raise bad(f"indices have dtype {indices.dtype}, expected uint8")
     if tokens.dtype not in (np.float16, np.float32):
         raise bad(f"patchtokens have dtype {tokens.dtype}, expected float16")
-    if tokens.shape != (len(indices), in_channels):
-        raise bad(
-            f"patchtokens have shape {tokens.shape}, expected ({len(indices)}, {in_channels}): "
-            "the SLat encoder's in_channels (does the features model match the encoder?)"
-        )
+    if tokens.ndim != 2 or len(tokens) != len(indices):
+        width = "channels" if in_channels is None else in_channels
+        raise bad(f"patchtokens have shape {tokens.shape}, expected ({len(indices)}, {width})")
+    if in_channels is not None:
+        _check_feature_width(sha256, path, tokens, in_channels)
     if len(indices) == 0:
         raise bad("no voxels (empty indices)")
     if indices.min() < 0 or indices.max() >= resolution:
@@ -333,6 +338,16 @@ def read_sparse_features(
     if check_finite and not _all_finite(tokens):
         raise bad(NON_FINITE_FEATURES)
     return SparseFeatures(sha256, indices.astype(np.uint8), tokens, random_weights, finite_checked=check_finite)
+
+
+def _check_feature_width(sha256: str, path: str | Path, tokens: np.ndarray, in_channels: int) -> None:
+    if tokens.shape[1] != in_channels:
+        raise AssetError(
+            sha256,
+            f"{path}: patchtokens have shape {tokens.shape}, expected ({len(tokens)}, {in_channels}): "
+            "the SLat encoder's in_channels (does the features model match the encoder?)",
+            SLAT_STAGE,
+        )
 
 
 # --- model placement -----------------------------------------------------------------------
@@ -446,17 +461,27 @@ class _Codec:
     pack: Callable[[Any, np.ndarray], dict[str, np.ndarray]]  # input, result -> the npz arrays
     describe: Callable[[Any], str]
     random_weights: bool
+    unpack: Callable[[LatentJob, dict], Any] | None = None  # a worker request's arrays -> the input
 
     def check(self, job: LatentJob, item: Any, result: np.ndarray | AssetError) -> np.ndarray | AssetError:
         if not isinstance(result, AssetError) and not np.isfinite(result).all():
             return AssetError(job.sha256, f"non-finite latent from {self.describe(item)}", self.stage)
         return result
 
-    def write(self, job: LatentJob, item: Any, result: np.ndarray) -> None:
+    def arrays(self, item: Any, result: np.ndarray) -> dict[str, np.ndarray]:
+        """The latent file's arrays."""
         arrays = self.pack(item, result)
         arrays["random_weights"] = np.bool_(self.random_weights or bool(arrays.get("random_weights", False)))
-        contract = {key: LATENT_CONTRACT[key] for key in arrays if key in LATENT_CONTRACT}
-        save_npz_atomic(job.output, contract=contract, **arrays)
+        return arrays
+
+    def write(self, job: LatentJob, item: Any, result: np.ndarray) -> None:
+        save_latent(job, self.arrays(item, result))
+
+
+def save_latent(job: LatentJob, arrays: dict[str, np.ndarray]) -> None:
+    """Write a latent file (checked against the contract, renamed into place)."""
+    contract = {key: LATENT_CONTRACT[key] for key in arrays if key in LATENT_CONTRACT}
+    save_npz_atomic(job.output, contract=contract, compresslevel=LATENT_DEFLATE_LEVEL, **arrays)
 
 
 def _encode_all(jobs: Sequence[LatentJob], codec: _Codec) -> dict[str, AssetError]:
@@ -674,6 +699,7 @@ def _ss_codec(
         pack=lambda _, mean: {"mean": mean.astype(np.float32)},
         describe=lambda idx: f"{len(idx)} voxels",
         random_weights=encoder.random_weights,
+        unpack=lambda job, request: _request_array(job, request, "indices", SS_STAGE),
     )
 
 
@@ -740,7 +766,7 @@ def _slat_codec(
                 finite = torch.isfinite(feats).all(dim=1)  # (N,); an asset's NaN stays in its own windows, zeroed anyway
                 feats = torch.where(finite[:, None], feats, 0)
                 all_finite = torch.stack([finite[a:b].all() for a, b in zip(spans[:-1], spans[1:])]).cpu().tolist()
-            mean = model(feats.float(), torch.from_numpy(coords.astype(np.int64)).to(dev))  # (N, 8)
+            mean = model(feats, torch.from_numpy(coords.astype(np.int64)).to(dev))  # (N, 8)
         means = np.split(mean.float().cpu().numpy(), spans[1:-1])
         return [
             latent if ok else AssetError(job.sha256, f"{job.source}: {NON_FINITE_FEATURES}", SLAT_STAGE)
@@ -760,7 +786,45 @@ def _slat_codec(
         },
         describe=lambda item: f"{len(item.indices)} voxels",
         random_weights=encoder.random_weights,
+        unpack=lambda job, request: _requested_features(job, request, args["in_channels"]),
     )
+
+
+def _request_array(job: LatentJob, request: dict, key: str, stage: str) -> np.ndarray:
+    if not isinstance(request.get(key), np.ndarray):  # a path-only request (a job of another slatflow)
+        raise AssetError(job.sha256, f"the worker's request carries no {key!r} array (read by the job)", stage)
+    return request[key]
+
+
+def _requested_features(job: LatentJob, request: dict, in_channels: int) -> SparseFeatures:
+    """A SLat request's features (read and checked by the job, but for their width, which the
+    encoder's checkpoint sets, and their finiteness, which the device checks)."""
+    tokens = _request_array(job, request, "patchtokens", SLAT_STAGE)
+    _check_feature_width(job.sha256, job.source, tokens, in_channels)
+    return SparseFeatures(job.sha256, _request_array(job, request, "indices", SLAT_STAGE), tokens,
+                          bool(request.get("random_features", False)), finite_checked=False)
+
+
+def latent_request(kind: EncoderKind, job: LatentJob) -> dict:
+    """What a latent job sends its model worker: the job, with its input read and checked here,
+    in the job's own process (the worker, shared by the jobs side by side, only runs the model).
+
+    Raises:
+        AssetError: the input is unreadable or malformed (see read_voxel_indices,
+            read_sparse_features).
+    """
+    if kind == "ss":
+        return {**job.to_request(), "indices": read_voxel_indices(job.sha256, job.source).astype(np.uint8)}
+    # the finiteness check is the device's (a float16 pass over 64 MB costs a CPU ~40 ms)
+    features = read_sparse_features(job.sha256, job.source, None, check_finite=False)
+    return {**job.to_request(), "indices": features.indices, "patchtokens": features.patchtokens,
+            "random_features": features.random_weights}
+
+
+def run_latent_job(kind: EncoderKind, job: LatentJob, submit: Callable[[dict], dict]) -> None:
+    """A latent job: read its input, `submit` it (to the model worker, or a handler in-process)
+    and write the latent that comes back."""
+    save_latent(job, submit(latent_request(kind, job)))
 
 
 def _pinned_if_large(size: int) -> np.ndarray:
@@ -793,21 +857,20 @@ def request_handler(placed: PlacedEncoder) -> Callable[[dict], None]:
     codec = (_ss_codec if placed.encoder.kind == "ss" else _slat_codec)(placed)
     batcher = _RequestBatcher(codec)
 
-    def handle(request: dict) -> None:
+    def handle(request: dict) -> dict[str, np.ndarray]:
         if placed.encoder.random_weights:  # said in every asset's log
             warn_random_weights(logger, placed.encoder.name)
         job = LatentJob.from_request(request)
-        item = codec.read(job)
+        item = codec.unpack(job, request)
         result = codec.check(job, item, batcher.encode(job, item))
         if isinstance(result, AssetError):
             raise result
-        try:
-            codec.write(job, item, result)
-        except OSError as exc:
-            raise AssetError(job.sha256, f"cannot write {job.output}: {exc}", codec.stage) from None
-        logger.info("%s: %s -> %s", codec.stage, codec.describe(item), job.output)
+        logger.info("%s: %s encoded for %s", codec.stage, codec.describe(item), job.output)
+        return codec.arrays(item, result)
 
     handle.concurrency = WORKER_REQUESTS_AT_ONCE
+    if placed.device.type == "cuda":  # a request's features land in page-locked memory (async copy)
+        handle.allocate = _pinned_if_large
     return handle
 
 

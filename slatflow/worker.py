@@ -14,7 +14,11 @@ allocation's jobs (SLURM ends it with the allocation).
 
 A service is a factory `make(settings: dict) -> handler(request: dict) -> dict | None` (a
 JSON-serialisable summary for the job, or None), named `"module:function"` (see SERVICES);
-the handler raises `AssetError` for a bad asset. A handler with a `concurrency` attribute
+the handler raises `AssetError` for a bad asset. Numpy arrays among the top-level values of a
+request or a result travel as their raw bytes after the message's JSON line (a job reads its
+asset's input and writes its output, in its own process, and the worker only runs the model:
+see `slatflow.latents`); a handler's `allocate(nbytes)` says where a request's arrays land
+(pinned memory, say). A handler with a `concurrency` attribute
 n > 1 is thread-safe and serves up to n requests at once, each in its own thread: so one
 asset's inputs are read and its outputs written while another's runs on the GPU (the jobs
 of a model stage may then run side by side).
@@ -41,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from slatflow.errors import AssetError, ConfigError, TransientError
 from slatflow.io import file_lock
 from slatflow.logs import LOG_FORMAT
@@ -52,6 +58,7 @@ logger = logging.getLogger(__name__)
 SERVICES = worker_services()
 
 Handler = Callable[[dict], None]
+Allocate = Callable[[int], "np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -224,8 +231,7 @@ def _exchange(
     stream = connection.makefile("rwb")
     accepted = False
     try:
-        stream.write(json.dumps(request).encode() + b"\n")
-        stream.flush()
+        _write_message(stream, request)
         for line in stream:
             message = json.loads(line)
             if "accepted" in message:
@@ -235,6 +241,7 @@ def _exchange(
             elif "done" in message:
                 error = message["error"]
                 if error is None:
+                    message["result"] = _read_arrays(stream, message.pop("arrays", ()), message["result"])
                     return message
                 if error["kind"] == "config":
                     raise ConfigError(error["reason"])
@@ -249,6 +256,54 @@ def _exchange(
     if not accepted:
         return None
     raise TransientError(f"the model worker died while processing it (log: {worker_log})")
+
+
+def _write_message(stream, message: dict | None, head: dict | None = None) -> None:
+    """`head` (default: `message` without its arrays) as a JSON line, naming `message`'s
+    numpy arrays, then their bytes, in order (written from the arrays' own memory)."""
+    message = message or {}
+    arrays = {key: _contiguous(value) for key, value in message.items() if _is_array(value)}
+    head = dict({key: value for key, value in message.items() if key not in arrays} if head is None else head)
+    if arrays:
+        head["arrays"] = [[key, value.dtype.str, list(value.shape)] for key, value in arrays.items()]
+    stream.write(json.dumps(head).encode() + b"\n")
+    for value in arrays.values():
+        stream.write(memoryview(value.reshape(-1).view(np.uint8)))
+    stream.flush()
+
+
+def _read_arrays(stream, described, into: dict | None, allocate: Allocate | None = None) -> dict | None:
+    """Read the arrays a message's `arrays` entry describes into `into` (a new dict if None)."""
+    if not described:
+        return into
+    into = dict(into or {})
+    for key, dtype, shape in described:
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise ValueError(f"array {key!r} holds Python objects")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        data = (allocate or _plain_buffer)(size)
+        view, filled = memoryview(data)[:size], 0
+        while filled < size:
+            read = stream.readinto(view[filled:])
+            if not read:
+                raise ConnectionResetError(f"the message ended inside array {key!r}")
+            filled += read
+        into[key] = data[:size].view(dtype).reshape(shape)
+    return into
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, (np.ndarray, np.generic))  # a numpy scalar travels as a 0-d array
+
+
+def _contiguous(value) -> np.ndarray:
+    array = np.asarray(value)  # np.ascontiguousarray would make a 0-d array 1-d
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _plain_buffer(size: int) -> np.ndarray:
+    return np.empty(size, np.uint8)
 
 
 def _kill_worker(path: Path) -> None:
@@ -371,6 +426,7 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
     stream = connection.makefile("rwb")
     try:
         request = json.loads(stream.readline())
+        request = _read_arrays(stream, request.pop("arrays", ()), request, getattr(handler, "allocate", None))
         stream.write(b'{"accepted": true}\n')
         stream.flush()
     except (ValueError, OSError):
@@ -392,9 +448,11 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
         logging.getLogger().removeHandler(to_client)
     if not healthy:
         retire()
+    arrays = result if isinstance(result, dict) and error is None else None
+    summary = {key: value for key, value in arrays.items() if not _is_array(value)} if arrays else result
     with contextlib.suppress(OSError):
-        stream.write(json.dumps({"done": True, "error": error, "result": result}).encode() + b"\n")
-        stream.flush()
+        _write_message(stream, {key: value for key, value in (arrays or {}).items() if _is_array(value)},
+                       {"done": True, "error": error, "result": summary})
     return healthy
 
 

@@ -117,7 +117,9 @@ def run_asset_job(
     clear_failure(out_dir, stage, sha256)
 
 
-def run_model_job(snakemake: Any, stage: str, settings: dict, job: Any) -> None:
+def run_model_job(
+    snakemake: Any, stage: str, settings: dict, job: Any, client: Callable[[Any, Callable[[dict], Any]], None] | None = None
+) -> None:
     """`run_asset_job` for a model stage: the asset goes to the stage's model worker.
 
     Args:
@@ -125,19 +127,21 @@ def run_model_job(snakemake: Any, stage: str, settings: dict, job: Any) -> None:
         settings: the service's settings (what its model worker is keyed by).
         job: the stage's typed job (`features.FeatureJob`, `latents.LatentJob`): what its
             batch function, its worker's handler and the tests take.
+        client: `client(job, submit)` does the job's side (reads its input, submits it,
+            writes what comes back: `latents.run_latent_job`); default: submit
+            `job.to_request()`, the worker writing the outputs.
     """
     from slatflow.worker import WorkerSettings, WorkerSpec, run_request
 
-    run_asset_job(
-        snakemake,
-        stage,
-        lambda: run_request(
+    def submit(request: dict) -> Any:
+        return run_request(
             WorkerSpec(stage, settings),
-            job.to_request(),
+            request,
             WorkerSettings.from_config(snakemake.config["workers"]),
             Path(snakemake.config["output_dir"]) / "logs" / "workers",
-        ),
-    )
+        )
+
+    run_asset_job(snakemake, stage, lambda: client(job, submit) if client else submit(job.to_request()))
 
 
 def raster_worker_client(snakemake: Any, settings: dict) -> Callable[[dict], dict | None]:

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -513,6 +514,9 @@ def test_encode_ss_latents_writes_means_and_names_bad_assets(tmp_path):
         with np.load(job.output) as data:
             assert set(data.files) == {"mean", "random_weights"} and bool(data["random_weights"])
             mean = data["mean"]
+        with zipfile.ZipFile(job.output) as archive:  # deflate members of stored blocks (LATENT_DEFLATE_LEVEL)
+            info = archive.getinfo("mean.npy")
+            assert info.compress_type == zipfile.ZIP_DEFLATED and info.compress_size > info.file_size
         assert mean.dtype == np.float32 and mean.shape == (8, 16, 16, 16)
         direct = encoder.model(torch.from_numpy(latents.voxel_occupancy(good[job.sha256]))[None])[0]
         assert np.allclose(mean, direct.numpy(), atol=1e-5)  # oneDNN picks kernels by batch size
@@ -562,9 +566,9 @@ def test_ss_worker_service_from_threads_writes_what_a_batch_run_writes(tmp_path)
     (tmp_path / "voxels" / "garbage.ply").write_bytes(b"not a ply")
     bad = {"sha256": "garbage", "source": str(tmp_path / "voxels" / "garbage.ply"), "output": str(tmp_path / "g.npz")}
 
-    def serve(request):
+    def serve(request):  # a job's side: it reads the voxels and writes the latent the worker returns
         try:
-            handle(request)
+            latents.run_latent_job("ss", LatentJob.from_request(request), handle)
         except AssetError as exc:
             return exc.reason
 
@@ -578,6 +582,44 @@ def test_ss_worker_service_from_threads_writes_what_a_batch_run_writes(tmp_path)
         with np.load(request["output"]) as ours, np.load(job.output) as reference:
             assert ours["mean"].dtype == np.float32 and bool(ours["random_weights"])
             np.testing.assert_allclose(ours["mean"], reference["mean"], atol=1e-5)
+
+
+def test_slat_jobs_read_their_features_and_the_worker_returns_what_a_batch_run_writes(tmp_path):
+    """A SLat job reads its feature file and sends it; the worker checks the width the encoder
+    reads and the finiteness, encodes, and returns the arrays the job writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    channels = TINY_SLAT_ARGS["in_channels"]
+    settings = {"latents": {"slat_encoder": "random", "random_slat_args": TINY_SLAT_ARGS, "device": "cpu"}, "threads": 1}
+    handle = latents.slat_worker_service(settings)
+    tokens = {"good0": random_patchtokens(400, channels, seed=1), "good1": random_patchtokens(700, channels, seed=2),
+              "narrow": random_patchtokens(400, channels // 2, seed=3), "nan": random_patchtokens(400, channels, seed=4)}
+    tokens["nan"][7, 1] = np.nan
+    jobs = {}
+    for i, (name, tok) in enumerate(tokens.items()):
+        write_features(tmp_path / "features" / f"{name}.npz", indices=surface_voxels(len(tok), seed=10 + i), patchtokens=tok)
+        jobs[name] = LatentJob(name, tmp_path / "features" / f"{name}.npz", tmp_path / "worker" / f"{name}.npz")
+
+    def serve(job):
+        try:
+            latents.run_latent_job("slat", job, handle)
+        except AssetError as exc:
+            return exc.reason
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = dict(zip(jobs, pool.map(serve, jobs.values())))
+    assert outcomes["good0"] is None and outcomes["good1"] is None
+    assert f"expected (400, {channels})" in outcomes["narrow"] and "in_channels" in outcomes["narrow"]
+    assert "NaN or inf" in outcomes["nan"]
+    assert not jobs["narrow"].output.exists() and not jobs["nan"].output.exists()
+    encoder = load_encoder("random", "slat", random_args=TINY_SLAT_ARGS)
+    batch = [dataclasses.replace(jobs[name], output=tmp_path / "batch" / f"{name}.npz") for name in ("good0", "good1")]
+    assert errors.failures(latents.encode_slat_latents(batch, encoder, device="cpu")) == {}
+    for job in batch:
+        with np.load(jobs[job.sha256].output) as ours, np.load(job.output) as reference:
+            assert sorted(ours.files) == ["coords", "feats", "random_weights"] and bool(ours["random_weights"])
+            assert np.array_equal(ours["coords"], reference["coords"]) and ours["coords"].dtype == np.uint8
+            np.testing.assert_allclose(ours["feats"], reference["feats"], atol=1e-5)
 
 
 def write_features(path: Path, **arrays) -> None:

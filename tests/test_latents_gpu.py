@@ -167,6 +167,24 @@ def test_window_ordered_fp16_blocks_equal_the_bucketed_blocks():
     assert rel <= 5e-3
 
 
+def test_half_features_meet_a_half_input_layer_within_its_rounding():
+    """float16 features (the files' dtype) under the fp16 torso go through the input layer as
+    half with float32 accumulation; float32 features through TRELLIS's float32 layer."""
+    encoder = load_encoder("random", "slat")
+    model = place_encoder(encoder, torch.device("cuda"), torch.float16)
+    n = 20000
+    coords = torch.from_numpy(np.concatenate([np.zeros((n, 1)), surface_voxels(n, seed=3)], 1).astype(np.int64)).cuda()
+    half = torch.from_numpy(random_patchtokens(n, 1024, seed=3)).cuda()
+    with torch.inference_mode():
+        layer = model.input_layer
+        direct = layer(half.float())
+        rel = ((model._input(half) - direct).norm() / direct.norm()).item()
+        latent_rel = ((model(half, coords) - model(half.float(), coords)).abs().max() / model(half.float(), coords).abs().max()).item()
+    logger.warning("slat half input layer: rel %.2e, latent rel %.2e", rel, latent_rel)
+    assert rel <= 1e-3 and latent_rel <= 5e-3
+    assert model._half_input_weight.dtype == torch.float16  # the half path ran, not the float32 one
+
+
 def test_slat_nan_features_fail_alone_when_checked_on_the_gpu():
     encoder = load_encoder("random", "slat")
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, stop_workers
@@ -49,6 +50,17 @@ def test_one_worker_serves_many_jobs_and_their_logs_come_back(toy, tmp_path, cap
     assert pids == {loads(tmp_path)[0] + "\n"}, "all three were written by the worker"
     assert os.getpid() != int(loads(tmp_path)[0])
     assert "asset " + "b" * 64 + ": write in pid" in caplog.text, "the worker's log lines reach the job's log"
+
+
+def test_numpy_arrays_travel_both_ways_as_their_bytes(toy, tmp_path):
+    spec, settings = toy
+    values = np.arange(3 * 70000, dtype=np.float16).reshape(3, 70000)[:, ::2]  # not contiguous, > a socket buffer
+    asked = dict(request(tmp_path, "a", "arrays"), values=values, empty=np.zeros((0, 3), np.uint8))
+    result = run_request(spec, asked, settings, tmp_path / "logs")
+    assert result["pid"] != os.getpid() and result["shape"] == [3, 35000]
+    assert result["doubled"].dtype == np.float16 and np.array_equal(result["doubled"], values * 2)
+    assert result["empty"].shape == (0, 3) and result["empty"].dtype == np.uint8
+    assert result["flag"].shape == () and bool(result["flag"])
 
 
 def test_jobs_arriving_together_start_one_worker(toy, tmp_path):
@@ -191,7 +203,7 @@ def test_model_stages_write_the_same_outputs_through_a_worker(tmp_path, monkeypa
     from latents_fixtures import TINY_SS_ARGS
     from slatflow.feature_settings import FeatureSettings
     from slatflow.features import FeatureJob
-    from slatflow.latents import LatentJob
+    from slatflow.latents import LatentJob, run_latent_job
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     sockets = Path(tempfile.mkdtemp(prefix="sfw", dir="/tmp"))
@@ -202,20 +214,20 @@ def test_model_stages_write_the_same_outputs_through_a_worker(tmp_path, monkeypa
     stages = {
         "features": (
             asdict(FeatureSettings(model="dinov2_vits14_reg", weights="random", image_size=56, device="cpu", decode_workers=1)),
-            lambda sha, out: FeatureJob(sha, inputs[sha][0], inputs[sha][1], Path(out)).to_request(),
+            lambda sha, out, submit: submit(FeatureJob(sha, inputs[sha][0], inputs[sha][1], Path(out)).to_request()),
         ),
-        "ss_latent": (
+        "ss_latent": (  # the job reads the voxels and writes the latent; the worker runs the model
             {"latents": {"ss_encoder": "random", "random_ss_args": TINY_SS_ARGS, "device": "cpu"}, "threads": 1},
-            lambda sha, out: LatentJob(sha, inputs[sha][1], Path(out)).to_request(),
+            lambda sha, out, submit: run_latent_job("ss", LatentJob(sha, inputs[sha][1], Path(out)), submit),
         ),
     }
     try:
-        for stage, (settings, make_request) in stages.items():
+        for stage, (settings, run_job) in stages.items():
             spec = WorkerSpec(stage, settings)
             for sha in shas:
                 for mode, worker_settings in (("worker", through_worker), ("inproc", in_process)):
                     out = str(tmp_path / stage / mode / f"{sha}.npz")
-                    run_request(spec, make_request(sha, out), worker_settings, tmp_path / "logs")
+                    run_job(sha, out, lambda request: run_request(spec, request, worker_settings, tmp_path / "logs"))
             for sha in shas:
                 with np.load(tmp_path / stage / "worker" / f"{sha}.npz") as a, np.load(
                     tmp_path / stage / "inproc" / f"{sha}.npz"

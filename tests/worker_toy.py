@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from slatflow.errors import AssetError, ConfigError
 
 logger = logging.getLogger("toy")
@@ -32,6 +34,9 @@ def make(settings: dict):
             time.sleep(3600)
         if action == "slow":
             time.sleep(1.0)
+        if action == "arrays":  # the arrays came as bytes: answer with arrays made of them
+            return {"pid": os.getpid(), "doubled": request["values"] * 2, "empty": request["empty"],
+                    "flag": np.bool_(request["values"].dtype == np.float16), "shape": list(request["values"].shape)}
         Path(request["output"]).write_text(f"{os.getpid()}\n")
 
     handle.concurrency = settings.get("concurrency", 1)
