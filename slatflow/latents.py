@@ -70,8 +70,9 @@ PREFETCH_ASSETS = 8
 # many as a GPU forward pass packs, so jobs running side by side fill one.
 WORKER_REQUESTS_AT_ONCE = 8
 # Latents are stored in stored deflate blocks (np.load reads them as any npz): deflate saves
-# 7-8% of float32 latents at level 1 for ~30 ms of CPU per MB, a SLat latent's 55 ms of a
-# model worker's time on an H200's host (bench/probe_gpu_stages.py --only timeline).
+# 7-8% of float32 latents at level 1 for ~30 ms of CPU per MB (2-core dev machine); a SLat
+# latent's write took 56 ms of a model worker's time on an H200's host at level 1
+# (bench/probe_gpu_stages.py --only timeline).
 LATENT_DEFLATE_LEVEL = 0
 
 FEATURE_KEYS = ("indices", "patchtokens")

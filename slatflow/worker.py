@@ -231,7 +231,7 @@ def _exchange(
     stream = connection.makefile("rwb")
     accepted = False
     try:
-        _write_message(stream, request)
+        _write_message(stream, *_split_arrays(request))
         for line in stream:
             message = json.loads(line)
             if "accepted" in message:
@@ -258,16 +258,18 @@ def _exchange(
     raise TransientError(f"the model worker died while processing it (log: {worker_log})")
 
 
-def _write_message(stream, message: dict | None, head: dict | None = None) -> None:
-    """`head` (default: `message` without its arrays) as a JSON line, naming `message`'s
-    numpy arrays, then their bytes, in order (written from the arrays' own memory)."""
-    message = message or {}
-    arrays = {key: _contiguous(value) for key, value in message.items() if _is_array(value)}
-    head = dict({key: value for key, value in message.items() if key not in arrays} if head is None else head)
+def _split_arrays(values: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the JSON part of a message's values, its numpy arrays)."""
+    arrays = {key: _contiguous(value) for key, value in values.items() if _is_array(value)}
+    return {key: value for key, value in values.items() if key not in arrays}, arrays
+
+
+def _write_message(stream, head: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """`head` as a JSON line naming `arrays`, then their bytes in order (from their own memory)."""
     if arrays:
-        head["arrays"] = [[key, value.dtype.str, list(value.shape)] for key, value in arrays.items()]
+        head = {**head, "arrays": [[key, value.dtype.str, list(value.shape)] for key, value in arrays.items()]}
     stream.write(json.dumps(head).encode() + b"\n")
-    for value in arrays.values():
+    for value in (arrays or {}).values():
         stream.write(memoryview(value.reshape(-1).view(np.uint8)))
     stream.flush()
 
@@ -448,11 +450,9 @@ def _serve_one(handler: Handler, connection: socket.socket, retire: Callable[[],
         logging.getLogger().removeHandler(to_client)
     if not healthy:
         retire()
-    arrays = result if isinstance(result, dict) and error is None else None
-    summary = {key: value for key, value in arrays.items() if not _is_array(value)} if arrays else result
+    summary, arrays = _split_arrays(result) if isinstance(result, dict) else (result, None)
     with contextlib.suppress(OSError):
-        _write_message(stream, {key: value for key, value in (arrays or {}).items() if _is_array(value)},
-                       {"done": True, "error": error, "result": summary})
+        _write_message(stream, {"done": True, "error": error, "result": summary}, arrays)
     return healthy
 
 
